@@ -1,0 +1,172 @@
+"""The ``meerkat`` command line.
+
+Exit codes scripts can rely on: 0 success; 1 the run did not complete (failed, abandoned,
+cancelled, terminated); 2 usage error; 3 the input was rejected; 4 not found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import MeerkatRuntimeError
+from .host import Runtime
+from .runtime.inputs import PromptInput
+from .runtime.outcomes import CompletedWait, CompletedWithoutResultWait, Rejected
+
+app = typer.Typer(
+    name="meerkat",
+    help=(
+        "Run durable LLM agent sessions. Every prompt is an input that the runtime accepts, "
+        "queues and applies to the agent at a run boundary."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+_err = Console(stderr=True)
+_out = Console()
+
+EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_REJECTED, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    _err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _load_script(path: Path | None) -> list[dict[str, Any]] | None:
+    if path is None:
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise _fail(f"cannot read script {path}: {exc.strerror}", EXIT_USAGE) from None
+    except json.JSONDecodeError as exc:
+        raise _fail(f"script {path} is not valid JSON: {exc}", EXIT_USAGE) from None
+    if not isinstance(data, list):
+        raise _fail(f"script {path} must be a JSON array of steps", EXIT_USAGE)
+    return data
+
+
+@app.command()
+def run(
+    prompt: Annotated[str, typer.Argument(help="What to ask the agent.")],
+    session: Annotated[
+        str | None, typer.Option("--session", help="Continue this session instead of a new one.")
+    ] = None,
+    model: Annotated[
+        str, typer.Option(help="Model to use; 'offline' needs no network.")
+    ] = "offline",
+    system: Annotated[str | None, typer.Option(help="System prompt for a new session.")] = None,
+    script: Annotated[
+        Path | None,
+        typer.Option(help="JSON file with an offline-model script (a list of steps)."),
+    ] = None,
+    store: Annotated[
+        str | None, typer.Option(help="Store URL; default: in memory for this process.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the reply.")] = 300.0,
+) -> None:
+    """Create a session (or continue one), send PROMPT through the runtime, print the reply."""
+    offline_script = _load_script(script)
+    try:
+        code = asyncio.run(
+            _run(prompt, session, model, system, offline_script, store, as_json, timeout)
+        )
+    except MeerkatRuntimeError as exc:
+        raise _fail(str(exc), EXIT_NOT_FOUND if "not_found" in exc.code else EXIT_USAGE) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted", 130) from None
+    raise typer.Exit(code)
+
+
+async def _run(
+    prompt: str,
+    session_id: str | None,
+    model: str,
+    system: str | None,
+    offline_script: list[dict[str, Any]] | None,
+    store: str | None,
+    as_json: bool,
+    timeout: float,
+) -> int:
+    async with Runtime.open(store) as rt:
+        if session_id is not None:
+            try:
+                rt.session(session_id)
+            except MeerkatRuntimeError:
+                if store is None or store.startswith("memory:"):
+                    _err.print(
+                        f"[bold red]error:[/] session {session_id!r} not found: the in-memory "
+                        "store keeps nothing between commands; --session needs a persistent "
+                        "store (SQLite, coming with the durability release)",
+                        highlight=False,
+                    )
+                    return EXIT_NOT_FOUND
+                raise
+        else:
+            info = await rt.create_session(
+                model=model, system_prompt=system, offline_script=offline_script
+            )
+            session_id = info.id
+        handle = await rt.accept_with_completion(session_id, PromptInput.new(prompt))
+        if isinstance(handle.outcome, Rejected):
+            if as_json:
+                _out.print_json(data=handle.outcome.to_json_dict())
+            else:
+                _err.print(
+                    f"[bold red]rejected[/] ({handle.outcome.code.value}): {handle.outcome.reason}",
+                    highlight=False,
+                )
+            return EXIT_REJECTED
+        show_spinner = not as_json and sys.stderr.isatty()
+        if show_spinner:
+            with _err.status("[dim]thinking…[/]"):
+                outcome = await handle.wait(timeout)
+        else:
+            outcome = await handle.wait(timeout)
+        if as_json:
+            doc = outcome.to_json_dict()
+            doc["session_id"] = session_id
+            _out.print_json(data=doc)
+        elif isinstance(outcome, CompletedWait):
+            _out.print(outcome.result.text, highlight=False, markup=False)
+        elif isinstance(outcome, CompletedWithoutResultWait):
+            _err.print("[dim](completed without a reply)[/]")
+        else:
+            _err.print(
+                f"[bold red]{outcome.outcome_type}[/]: {_describe(outcome.to_json_dict())}",
+                highlight=False,
+            )
+        if not as_json:
+            _err.print(f"[dim]session {session_id}[/]", highlight=False)
+        ok = isinstance(outcome, (CompletedWait, CompletedWithoutResultWait))
+        return EXIT_OK if ok else EXIT_RUN_FAILED
+
+
+def _describe(doc: dict[str, Any]) -> str:
+    parts = [f"{k}={v}" for k, v in doc.items() if k not in ("outcome_type", "input_id")]
+    return ", ".join(parts) or "no details"
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    _out.print(f"meerkat-runtime {__version__}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

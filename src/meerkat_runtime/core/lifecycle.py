@@ -1,0 +1,389 @@
+"""Core lifecycle contracts: run primitives, receipts, run events, control commands, and the
+executor protocol with its RunContext (spec §3, reference-runtime.md §6).
+
+JSON shapes follow reference-runtime.md §6 exactly. Our additive extensions (documents stay
+readable by 0.4.10, which ignores unknown fields): ``input_id`` on appends (which input an
+append came from, recorded on the conversation row), and the per-turn overrides on
+``RuntimeTurnMetadata`` (spec §2).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Sequence
+from typing import Annotated, Any, Literal, Protocol, TypeVar, runtime_checkable
+
+from pydantic import Field
+
+from .._ids import InputId, RunId
+from .._model import WireModel
+
+__all__ = [
+    "ApplyFailed",
+    "BoundaryAppliedEvent",
+    "CancelCurrentRun",
+    "ControlFailed",
+    "ConversationAppend",
+    "ConversationAppendRole",
+    "ConversationContextAppend",
+    "CoreExecutor",
+    "CoreExecutorError",
+    "CoreRenderable",
+    "ExecutorInternalError",
+    "ExecutorStopped",
+    "ImmediateAppend",
+    "ImmediateContextAppend",
+    "JsonRenderable",
+    "Message",
+    "ReferenceRenderable",
+    "RunApplyBoundary",
+    "RunBoundaryReceipt",
+    "RunCancelled",
+    "RunCancelledEvent",
+    "RunCompletedEvent",
+    "RunContext",
+    "RunControlCommand",
+    "RunEvent",
+    "RunFailedEvent",
+    "RunFailure",
+    "RunFenced",
+    "RunPrimitive",
+    "RunResult",
+    "RunStartedEvent",
+    "RuntimeTurnMetadata",
+    "SkillKey",
+    "StagedInput",
+    "StagedRunInput",
+    "StopRuntimeExecutor",
+    "TextRenderable",
+    "ToolCall",
+    "TurnToolOverlay",
+    "Usage",
+]
+
+
+class RunApplyBoundary(enum.StrEnum):
+    IMMEDIATE = "immediate"
+    RUN_START = "run_start"
+    RUN_CHECKPOINT = "run_checkpoint"
+
+
+# --- renderables and appends -------------------------------------------------------------
+
+
+class TextRenderable(WireModel):
+    _tag = "type"
+    type: Literal["text"] = "text"
+    text: str
+
+
+class JsonRenderable(WireModel):
+    _tag = "type"
+    type: Literal["json"] = "json"
+    value: Any = None
+
+
+class ReferenceRenderable(WireModel):
+    _tag = "type"
+    _keep_none = frozenset({"label"})
+    type: Literal["reference"] = "reference"
+    uri: str
+    label: str | None = None
+
+
+CoreRenderable = Annotated[
+    TextRenderable | JsonRenderable | ReferenceRenderable, Field(discriminator="type")
+]
+
+
+class ConversationAppendRole(enum.StrEnum):
+    USER = "user"
+    ASSISTANT = "assistant"
+    SYSTEM_NOTICE = "system_notice"
+    TOOL = "tool"
+
+
+class ConversationAppend(WireModel):
+    role: ConversationAppendRole
+    content: CoreRenderable
+    input_id: InputId | None = None  # extension: the input this append renders
+
+
+class ConversationContextAppend(WireModel):
+    key: str
+    content: CoreRenderable
+    input_id: InputId | None = None  # extension
+
+
+class SkillKey(WireModel):
+    source_uuid: str
+    skill_name: str
+
+
+class TurnToolOverlay(WireModel):
+    _keep_none = frozenset({"allowed_tools", "blocked_tools"})
+    allowed_tools: list[str] | None = None
+    blocked_tools: list[str] | None = None
+
+
+class RuntimeTurnMetadata(WireModel):
+    """Per-turn metadata carried by prompts and flow steps. Every field optional.
+
+    The fields after ``additional_instructions`` are our extensions (spec §2): overrides that
+    apply to the one run they arrive with.
+    """
+
+    host_mode: bool | None = None
+    skill_references: list[SkillKey] | None = None
+    flow_tool_overlay: TurnToolOverlay | None = None
+    additional_instructions: list[str] | None = None
+    model: str | None = None
+    provider: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    system_prompt: str | None = None
+    output_schema: dict[str, Any] | None = None
+    structured_output_retries: int | None = Field(default=None, ge=0)
+    provider_params: dict[str, Any] | None = None
+
+
+class StagedRunInput(WireModel):
+    """What the runtime stages for a boundary: appends made from inputs, in queue order."""
+
+    _omit_empty = frozenset({"appends", "context_appends", "contributing_input_ids"})
+    boundary: RunApplyBoundary
+    appends: list[ConversationAppend] = Field(default_factory=list)
+    context_appends: list[ConversationContextAppend] = Field(default_factory=list)
+    contributing_input_ids: list[InputId] = Field(default_factory=list)
+    turn_metadata: RuntimeTurnMetadata | None = None
+
+
+class StagedInput(StagedRunInput):
+    _tag = "primitive_type"
+    primitive_type: Literal["staged_input"] = "staged_input"
+
+    def as_staged(self) -> StagedRunInput:
+        return StagedRunInput.model_validate(self.model_dump(exclude={"primitive_type"}))
+
+
+class ImmediateAppend(ConversationAppend):
+    _tag = "primitive_type"
+    primitive_type: Literal["immediate_append"] = "immediate_append"
+
+
+class ImmediateContextAppend(ConversationContextAppend):
+    _tag = "primitive_type"
+    primitive_type: Literal["immediate_context_append"] = "immediate_context_append"
+
+
+RunPrimitive = Annotated[
+    StagedInput | ImmediateAppend | ImmediateContextAppend, Field(discriminator="primitive_type")
+]
+
+
+class RunBoundaryReceipt(WireModel):
+    """Proof that a boundary's appends were committed. Identity: (runtime, run_id, sequence)."""
+
+    run_id: RunId
+    boundary: RunApplyBoundary
+    contributing_input_ids: list[InputId] = Field(default_factory=list)
+    conversation_digest: str | None = None
+    message_count: int = 0
+    sequence: int = 0
+
+
+# --- run events ---------------------------------------------------------------------------
+
+
+class RunStartedEvent(WireModel):
+    _tag = "event_type"
+    event_type: Literal["run_started"] = "run_started"
+    run_id: RunId
+
+
+class BoundaryAppliedEvent(WireModel):
+    _tag = "event_type"
+    event_type: Literal["boundary_applied"] = "boundary_applied"
+    run_id: RunId
+    receipt: RunBoundaryReceipt
+    session_snapshot: list[int] | None = None
+
+
+class RunCompletedEvent(WireModel):
+    _tag = "event_type"
+    event_type: Literal["run_completed"] = "run_completed"
+    run_id: RunId
+    consumed_input_ids: list[InputId] = Field(default_factory=list)
+
+
+class RunFailedEvent(WireModel):
+    _tag = "event_type"
+    event_type: Literal["run_failed"] = "run_failed"
+    run_id: RunId
+    error: str
+    recoverable: bool
+
+
+class RunCancelledEvent(WireModel):
+    _tag = "event_type"
+    event_type: Literal["run_cancelled"] = "run_cancelled"
+    run_id: RunId
+
+
+RunEvent = Annotated[
+    RunStartedEvent | BoundaryAppliedEvent | RunCompletedEvent | RunFailedEvent | RunCancelledEvent,
+    Field(discriminator="event_type"),
+]
+
+
+# --- control ------------------------------------------------------------------------------
+
+
+class CancelCurrentRun(WireModel):
+    _tag = "command"
+    command: Literal["cancel_current_run"] = "cancel_current_run"
+    reason: str = ""
+
+
+class StopRuntimeExecutor(WireModel):
+    _tag = "command"
+    command: Literal["stop_runtime_executor"] = "stop_runtime_executor"
+    reason: str = ""
+
+
+RunControlCommand = Annotated[
+    CancelCurrentRun | StopRuntimeExecutor, Field(discriminator="command")
+]
+
+
+class CoreExecutorError(Exception):
+    """Errors with the display strings of reference-runtime.md §6.5."""
+
+
+class ApplyFailed(CoreExecutorError):
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"Apply failed: {reason}")
+        self.reason = reason
+
+
+class ControlFailed(CoreExecutorError):
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"Control failed: {reason}")
+        self.reason = reason
+
+
+class ExecutorStopped(CoreExecutorError):
+    def __init__(self) -> None:
+        super().__init__("Executor is stopped")
+
+
+class ExecutorInternalError(CoreExecutorError):
+    def __init__(self, message: str) -> None:
+        super().__init__(f"Internal error: {message}")
+        self.message = message
+
+
+# --- conversation and results -------------------------------------------------------------
+
+
+class ToolCall(WireModel):
+    id: str
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class Message(WireModel):
+    """One conversation message as the executor writes it.
+
+    ``input_ids`` names the inputs this message renders (set for appends made from inputs);
+    the runtime stores it on the conversation row so "applied twice" can be counted.
+    """
+
+    _omit_empty = frozenset({"tool_calls", "input_ids"})
+    role: Literal["user", "assistant", "system_notice", "tool", "context"]
+    content: str = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    tool_call_id: str | None = None
+    name: str | None = None
+    input_ids: list[InputId] = Field(default_factory=list)
+
+
+class Usage(WireModel):
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+class RunResult(WireModel):
+    """What a completed run hands to its waiters (``completed{result}``, S12)."""
+
+    text: str = ""
+    session_id: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    turns: int = 0
+    tool_calls: int = 0
+    structured_output: Any = None
+    schema_warnings: list[str] | None = None
+
+
+# --- the executor contract ----------------------------------------------------------------
+
+
+class RunCancelled(Exception):
+    """Raised inside an executor when its run was cancelled (``run.cancelled`` is set)."""
+
+
+class RunFenced(Exception):
+    """The run no longer owns its runtime (reset, destroyed, stopped or replaced): every
+    commit it attempts is refused, so nothing it does after this point becomes durable."""
+
+
+class RunFailure(Exception):
+    """An executor failure. ``permanent`` failures abandon the head input at once (S4) with
+    reason ``failed``; transient ones are retried with backoff until the budget is spent."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+T = TypeVar("T")
+
+
+@runtime_checkable
+class RunContext(Protocol):
+    """The runtime's side of one run, handed to ``CoreExecutor.apply``.
+
+    Contract (spec §3): call ``commit_boundary`` exactly once, before any model or tool work,
+    with the appends made from ``primitive``; call ``checkpoint`` between model calls; watch
+    ``cancelled`` at every await. Messages passed to ``append`` are committed with the next
+    commit (boundary, checkpoint, or the completion when ``apply`` returns).
+    """
+
+    run_id: RunId
+    primitive: StagedInput
+    is_continuation: bool
+    cancelled: Any  # asyncio.Event
+
+    async def commit_boundary(self, delta: Sequence[Message] = ()) -> RunBoundaryReceipt: ...
+
+    async def checkpoint(self, delta: Sequence[Message] = ()) -> StagedRunInput | None: ...
+
+    def append(self, *messages: Message) -> None: ...
+
+    def conversation(self) -> list[Message]: ...
+
+    async def wait(self, timeout: float) -> str: ...
+
+    async def guard(self, awaitable: Awaitable[T]) -> T: ...
+
+
+@runtime_checkable
+class CoreExecutor(Protocol):
+    """Anything that can apply a run. ``apply`` returns the run's result (or ``None`` for a
+    run without one, e.g. a context append) and raises ``RunFailure`` / any exception on
+    failure, ``RunCancelled`` when it stopped because of ``run.cancelled``."""
+
+    async def apply(self, run: RunContext) -> RunResult | None: ...

@@ -1,0 +1,1 @@
+"""Stores behind one protocol. Memory now; SQLite and PostgreSQL join with their issues."""

@@ -1,0 +1,472 @@
+"""AgentExecutor against an in-memory RunContext: boundary, turn loop, checkpoints, waits,
+cancellation, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
+
+import pytest
+
+from meerkat_runtime._ids import InputId, RunId
+from meerkat_runtime.core.agent import AgentConfig, AgentExecutor, messages_from_staged
+from meerkat_runtime.core.lifecycle import (
+    ConversationAppend,
+    ConversationAppendRole,
+    ConversationContextAppend,
+    JsonRenderable,
+    Message,
+    ReferenceRenderable,
+    RunApplyBoundary,
+    RunBoundaryReceipt,
+    RunCancelled,
+    RunContext,
+    RunFailure,
+    RuntimeTurnMetadata,
+    StagedInput,
+    StagedRunInput,
+    TextRenderable,
+    ToolCall,
+)
+from meerkat_runtime.llm.base import ModelRequest, ModelResponse
+from meerkat_runtime.llm.offline import OfflineModel
+
+T = TypeVar("T")
+
+
+class FakeRun:
+    """An in-memory RunContext. ``log`` records boundary, checkpoint, wait and (through
+    ``SpyModel``) model events in order; ``joins`` are returned by successive checkpoints."""
+
+    def __init__(
+        self,
+        primitive: StagedInput,
+        *,
+        history: Sequence[Message] = (),
+        joins: Sequence[StagedRunInput | None] = (),
+        log: list[str] | None = None,
+    ) -> None:
+        self.run_id = RunId.new()
+        self.primitive = primitive
+        self.is_continuation = not primitive.appends and not primitive.contributing_input_ids
+        self.cancelled = asyncio.Event()
+        self.interrupt = asyncio.Event()
+        self.committed: list[Message] = list(history)
+        self.pending: list[Message] = []
+        self.log = log if log is not None else []
+        self.boundary_deltas: list[list[Message]] = []
+        self.checkpoint_commits: list[list[Message]] = []
+        self._joins = list(joins)
+
+    async def commit_boundary(self, delta: Sequence[Message] = ()) -> RunBoundaryReceipt:
+        self.log.append("boundary")
+        self.boundary_deltas.append(list(delta))
+        self.committed.extend([*self.pending, *delta])
+        self.pending.clear()
+        return RunBoundaryReceipt(
+            run_id=self.run_id,
+            boundary=self.primitive.boundary,
+            contributing_input_ids=list(self.primitive.contributing_input_ids),
+            message_count=len(self.committed),
+        )
+
+    async def checkpoint(self, delta: Sequence[Message] = ()) -> StagedRunInput | None:
+        self.log.append("checkpoint")
+        batch = [*self.pending, *delta]
+        self.checkpoint_commits.append(batch)
+        self.committed.extend(batch)
+        self.pending.clear()
+        return self._joins.pop(0) if self._joins else None
+
+    def append(self, *messages: Message) -> None:
+        self.pending.extend(messages)
+
+    def conversation(self) -> list[Message]:
+        return [*self.committed, *self.pending]
+
+    async def wait(self, timeout: float) -> str:
+        self.log.append(f"wait:{timeout}")
+        tasks = [
+            asyncio.create_task(self.interrupt.wait()),
+            asyncio.create_task(self.cancelled.wait()),
+        ]
+        try:
+            await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+        if self.cancelled.is_set():
+            raise RunCancelled()
+        if self.interrupt.is_set():
+            self.interrupt.clear()
+            return "interrupted"
+        return "timeout"
+
+    async def guard(self, awaitable: Awaitable[T]) -> T:
+        work = asyncio.ensure_future(awaitable)
+        watcher = asyncio.create_task(self.cancelled.wait())
+        try:
+            await asyncio.wait([work, watcher], return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                return work.result()
+            raise RunCancelled()
+        finally:
+            watcher.cancel()
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+
+
+class SpyModel(OfflineModel):
+    """An OfflineModel that logs each call and how many messages were committed by then."""
+
+    def __init__(self, script: Any, log: list[str], run: list[FakeRun]) -> None:
+        super().__init__(script)
+        self.log = log
+        self.run = run
+        self.requests: list[ModelRequest] = []
+
+    async def complete(self, request: ModelRequest) -> ModelResponse:
+        self.requests.append(request)
+        self.log.append(f"model:committed={len(self.run[0].committed)}")
+        return await super().complete(request)
+
+
+def _prompt(text: str, input_id: InputId | None = None, **kw: Any) -> StagedInput:
+    ids = [input_id] if input_id is not None else []
+    return StagedInput(
+        boundary=RunApplyBoundary.RUN_START,
+        appends=[
+            ConversationAppend(
+                role=ConversationAppendRole.USER,
+                content=TextRenderable(text=text),
+                input_id=input_id,
+            )
+        ],
+        contributing_input_ids=ids,
+        **kw,
+    )
+
+
+def _harness(
+    primitive: StagedInput, script: Any = None, **run_kw: Any
+) -> tuple[AgentExecutor, FakeRun, SpyModel, list[str]]:
+    log: list[str] = []
+    holder: list[FakeRun] = []
+    model = SpyModel(script, log, holder)
+    run = FakeRun(primitive, log=log, **run_kw)
+    holder.append(run)
+    return AgentExecutor(model=model), run, model, log
+
+
+def _roles(messages: Sequence[Message]) -> list[str]:
+    return [m.role for m in messages]
+
+
+def test_fake_run_satisfies_the_protocol() -> None:
+    assert isinstance(FakeRun(_prompt("x")), RunContext)
+
+
+# --- boundary -----------------------------------------------------------------------------
+
+
+async def test_boundary_committed_once_before_the_first_model_call() -> None:
+    input_id = InputId.new()
+    agent, run, _, log = _harness(_prompt("hello", input_id))
+    result = await agent.apply(run)
+    assert log == ["boundary", "model:committed=1"]
+    assert run.boundary_deltas == [[Message(role="user", content="hello", input_ids=[input_id])]]
+    assert result is not None
+    assert result.text == 'offline model: you said "hello" (1 messages in the conversation)'
+    assert (result.turns, result.tool_calls) == (1, 0)
+    assert result.usage.input_tokens == 1
+    assert result.usage.output_tokens == len(result.text.split())
+    assert run.pending == [Message(role="assistant", content=result.text)]
+
+
+async def test_default_agent_uses_the_offline_model() -> None:
+    run = FakeRun(_prompt("ping"), history=[Message(role="user", content="old")])
+    result = await AgentExecutor(session_id="sess-1").apply(run)
+    assert result is not None
+    assert result.text == 'offline model: you said "ping" (2 messages in the conversation)'
+    assert result.session_id == "sess-1"
+
+
+async def test_continuation_commits_an_empty_boundary_and_answers_from_history() -> None:
+    history = [Message(role="user", content="q"), Message(role="assistant", content="a")]
+    primitive = StagedInput(boundary=RunApplyBoundary.RUN_START)
+    agent, run, _, log = _harness(
+        primitive, [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}],
+        history=history,
+    )
+    result = await agent.apply(run)
+    assert run.is_continuation
+    assert run.boundary_deltas == [[]]
+    assert log == ["boundary", "model:committed=2"]
+    assert result is not None and result.text == "second"
+
+
+async def test_boundary_renders_context_and_non_text_appends() -> None:
+    ctx_id = InputId.new()
+    staged = StagedRunInput(
+        boundary=RunApplyBoundary.RUN_START,
+        appends=[
+            ConversationAppend(
+                role=ConversationAppendRole.SYSTEM_NOTICE, content=JsonRenderable(value={"b": 1})
+            ),
+            ConversationAppend(
+                role=ConversationAppendRole.USER,
+                content=ReferenceRenderable(uri="file:///a.txt", label="a"),
+            ),
+        ],
+        context_appends=[
+            ConversationContextAppend(
+                key="system-generated:1", content=TextRenderable(text="note"), input_id=ctx_id
+            )
+        ],
+    )
+    assert messages_from_staged(staged) == [
+        Message(role="system_notice", content='{"b":1}'),
+        Message(role="user", content="a <file:///a.txt>"),
+        Message(role="context", content="note", name="system-generated:1", input_ids=[ctx_id]),
+    ]
+
+
+async def test_immediate_boundary_commits_and_returns_none_without_a_model_call() -> None:
+    input_id = InputId.new()
+    primitive = StagedInput(
+        boundary=RunApplyBoundary.IMMEDIATE,
+        context_appends=[
+            ConversationContextAppend(
+                key="system-generated:x", content=TextRenderable(text="fyi"), input_id=input_id
+            )
+        ],
+        contributing_input_ids=[input_id],
+    )
+    # Even a pending before-boundary failure does not fire: no model call is made.
+    agent, run, model, log = _harness(
+        primitive, [{"type": "fail", "phase": "before_boundary", "permanent": True}]
+    )
+    assert await agent.apply(run) is None
+    assert log == ["boundary"]
+    assert model.requests == []
+    assert run.committed == [
+        Message(role="context", content="fyi", name="system-generated:x", input_ids=[input_id])
+    ]
+    assert run.pending == []
+
+
+# --- tools, checkpoints, joins ----------------------------------------------------------------
+
+
+async def test_tool_then_text_message_sequence_with_a_checkpoint_between_calls() -> None:
+    script = [
+        {"type": "tool", "name": "lookup", "args": {"k": 1}, "duration": 0.01, "result": "v=1"},
+        {"type": "text", "text": "done"},
+    ]
+    agent, run, model, log = _harness(_prompt("go"), script)
+    result = await agent.apply(run)
+    assert log == ["boundary", "model:committed=1", "checkpoint", "model:committed=3"]
+    call = ToolCall(id="call_0", name="lookup", arguments={"k": 1})
+    assert run.checkpoint_commits == [
+        [
+            Message(role="assistant", tool_calls=[call]),
+            Message(role="tool", content="v=1", tool_call_id="call_0", name="lookup"),
+        ]
+    ]
+    assert run.conversation() == [
+        Message(role="user", content="go"),
+        Message(role="assistant", tool_calls=[call]),
+        Message(role="tool", content="v=1", tool_call_id="call_0", name="lookup"),
+        Message(role="assistant", content="done"),
+    ]
+    assert result is not None
+    assert (result.text, result.turns, result.tool_calls) == ("done", 2, 1)
+    assert model.requests[1].tools[0].name == "wait"
+    # usage is the sum over both calls
+    assert result.usage.input_tokens == 1 + 2  # "go" ; "go" + "v=1"
+    assert result.usage.output_tokens == (1 + 1) + 1  # call: 1 + '{"k":1}' ; text: "done"
+
+
+async def test_joined_inputs_from_a_checkpoint_are_appended_and_seen_by_the_next_call() -> None:
+    join_id = InputId.new()
+    joined = StagedRunInput(
+        boundary=RunApplyBoundary.RUN_CHECKPOINT,
+        appends=[
+            ConversationAppend(
+                role=ConversationAppendRole.USER,
+                content=TextRenderable(text="also this"),
+                input_id=join_id,
+            )
+        ],
+        context_appends=[ConversationContextAppend(key="k", content=TextRenderable(text="ctx"))],
+        contributing_input_ids=[join_id],
+    )
+    agent, run, model, _ = _harness(
+        _prompt("start"), [{"type": "tool", "name": "t"}], joins=[joined]
+    )
+    result = await agent.apply(run)
+    joined_messages = [
+        Message(role="user", content="also this", input_ids=[join_id]),
+        Message(role="context", content="ctx", name="k"),
+    ]
+    # Not committed at the checkpoint that returned them; pending until the next commit.
+    assert all(m not in run.checkpoint_commits[0] for m in joined_messages)
+    assert model.requests[1].messages[3:] == joined_messages
+    assert result is not None
+    assert result.text == 'offline model: you said "also this" (5 messages in the conversation)'
+    assert run.pending == [*joined_messages, Message(role="assistant", content=result.text)]
+
+
+async def test_wait_step_returns_interrupted_when_the_run_is_interrupted() -> None:
+    agent, run, _, log = _harness(
+        _prompt("wait for it"), [{"type": "wait", "timeout": 5.0}, {"type": "text", "text": "woke"}]
+    )
+    asyncio.get_running_loop().call_later(0.05, run.interrupt.set)
+    started = time.monotonic()
+    result = await agent.apply(run)
+    assert time.monotonic() - started < 1.0
+    assert log == ["boundary", "model:committed=1", "wait:5.0", "checkpoint", "model:committed=3"]
+    assert run.committed[2] == Message(
+        role="tool", content="interrupted", tool_call_id="call_0", name="wait"
+    )
+    assert result is not None and result.text == "woke"
+
+
+async def test_wait_step_returns_timeout_when_nothing_arrives() -> None:
+    agent, run, _, _ = _harness(_prompt("w"), [{"type": "wait", "timeout": 0.01}])
+    await agent.apply(run)
+    assert run.committed[2].content == "timeout"
+
+
+async def test_wait_with_a_bad_timeout_returns_an_error_result_without_waiting() -> None:
+    agent, run, _, log = _harness(_prompt("w"), [{"type": "tool", "name": "wait", "args": {}}])
+    await agent.apply(run)
+    assert not any(entry.startswith("wait:") for entry in log)
+    assert run.committed[2].content.startswith("error: wait needs")
+
+
+# --- cancellation -----------------------------------------------------------------------------
+
+
+async def test_cancel_during_a_long_model_delay_ends_apply_promptly() -> None:
+    agent, run, _, _ = _harness(_prompt("slow"), [{"type": "text", "text": "late", "delay": 30}])
+    asyncio.get_running_loop().call_later(0.05, run.cancelled.set)
+    started = time.monotonic()
+    with pytest.raises(RunCancelled):
+        await agent.apply(run)
+    assert time.monotonic() - started < 1.0
+    assert _roles(run.conversation()) == ["user"]
+
+
+async def test_cancel_during_a_long_tool_ends_apply_promptly() -> None:
+    agent, run, _, log = _harness(_prompt("t"), [{"type": "tool", "name": "slow", "duration": 30}])
+    asyncio.get_running_loop().call_later(0.05, run.cancelled.set)
+    started = time.monotonic()
+    with pytest.raises(RunCancelled):
+        await agent.apply(run)
+    assert time.monotonic() - started < 1.0
+    assert "checkpoint" not in log
+    assert _roles(run.pending) == ["assistant"]  # the call, no result
+
+
+async def test_cancel_during_wait_raises_run_cancelled() -> None:
+    agent, run, _, _ = _harness(_prompt("t"), [{"type": "wait", "timeout": 30}])
+    asyncio.get_running_loop().call_later(0.05, run.cancelled.set)
+    started = time.monotonic()
+    with pytest.raises(RunCancelled):
+        await agent.apply(run)
+    assert time.monotonic() - started < 1.0
+
+
+async def test_task_cancellation_propagates_as_cancelled_error() -> None:
+    agent, run, _, _ = _harness(_prompt("t"), [{"type": "text", "text": "x", "delay": 30}])
+    task = asyncio.create_task(agent.apply(run))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+# --- failures ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("permanent", [False, True])
+async def test_fail_step_raises_run_failure_after_the_boundary(permanent: bool) -> None:
+    agent, run, _, log = _harness(
+        _prompt("x"),
+        [{"type": "fail", "error": "provider down", "permanent": permanent}],
+    )
+    with pytest.raises(RunFailure) as info:
+        await agent.apply(run)
+    assert str(info.value) == "provider down"
+    assert info.value.permanent is permanent
+    assert log == ["boundary", "model:committed=1"]
+
+
+async def test_before_boundary_fail_raises_before_commit_then_the_retry_succeeds() -> None:
+    script = [
+        {"type": "fail", "error": "not yet", "phase": "before_boundary", "times": 2},
+        {"type": "text", "text": "finally"},
+    ]
+    agent, _, model, _ = _harness(_prompt("x"), script)
+    for _ in range(2):
+        run = FakeRun(_prompt("x"))
+        model.run[:] = [run]
+        with pytest.raises(RunFailure) as info:
+            await agent.apply(run)
+        assert (str(info.value), info.value.permanent) == ("not yet", False)
+        assert run.boundary_deltas == []
+        assert model.requests == []
+    run = FakeRun(_prompt("x"))
+    model.run[:] = [run]
+    result = await agent.apply(run)
+    assert len(run.boundary_deltas) == 1
+    assert result is not None and result.text == "finally"
+
+
+async def test_unknown_model_fails_permanently_before_the_boundary() -> None:
+    run = FakeRun(_prompt("x"))
+    with pytest.raises(RunFailure) as info:
+        await AgentExecutor(AgentConfig(model="gpt-9")).apply(run)
+    assert str(info.value) == "unknown model 'gpt-9'; this build has: offline"
+    assert info.value.permanent is True
+    assert run.boundary_deltas == []
+
+
+async def test_turn_metadata_overrides_model_and_system_prompt() -> None:
+    agent, run, model, _ = _harness(
+        _prompt("x", turn_metadata=RuntimeTurnMetadata(system_prompt="terse", max_tokens=7))
+    )
+    await agent.apply(run)
+    assert (model.requests[0].system_prompt, model.requests[0].max_tokens) == ("terse", 7)
+    other = FakeRun(_prompt("x", turn_metadata=RuntimeTurnMetadata(model="big")))
+    with pytest.raises(RunFailure, match="unknown model 'big'"):
+        await agent.apply(other)
+    assert other.boundary_deltas == []
+
+
+async def test_max_turns_exceeded_is_a_permanent_failure() -> None:
+    log: list[str] = []
+    holder: list[FakeRun] = []
+    model = SpyModel([{"type": "tool", "name": "t"}] * 5, log, holder)
+    agent = AgentExecutor(AgentConfig(max_turns=3), model=model)
+    run = FakeRun(_prompt("loop"), log=log)
+    holder.append(run)
+    with pytest.raises(RunFailure) as info:
+        await agent.apply(run)
+    assert info.value.permanent is True
+    assert "max turns exceeded" in str(info.value)
+    assert len(model.requests) == 3
+    assert log.count("checkpoint") == 3
+
+
+def test_config_rejects_a_malformed_script_and_bad_max_turns() -> None:
+    with pytest.raises(ValueError, match=r"offline script\[1\]: unknown step type \"sleep\""):
+        AgentConfig(offline_script=[{"type": "text", "text": "a"}, {"type": "sleep"}])
+    with pytest.raises(ValueError, match="max_turns must be at least 1"):
+        AgentConfig(max_turns=0)
