@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import threading
 import time
 import uuid
@@ -37,6 +38,11 @@ __all__ = [
     "new_uuid7",
 ]
 
+_HYPHENATED = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+_CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_ACCEPTED = re.compile(
+    rf"({_HYPHENATED})|([0-9a-fA-F]{{32}})|\{{({_HYPHENATED})\}}|urn:uuid:({_HYPHENATED})"
+)
 _lock = threading.Lock()
 _last_ms = 0
 _counter = 0
@@ -148,23 +154,15 @@ class _UuidId(_Id):
     def _normalise(cls, value: str) -> str:
         if not isinstance(value, str):
             raise TypeError(f"{cls.__name__} takes a UUID string, got {type(value).__name__}")
-        # Fast path for the canonical form; still checked for shape.
-        if (
-            len(value) == 36
-            and value.islower()
-            and value[8] == value[13] == value[18] == value[23] == "-"
-        ):
-            try:
-                int(value.replace("-", ""), 16)
-                return value
-            except ValueError:
-                pass
-        try:
-            return str(uuid.UUID(value))
-        except ValueError:
+        if _CANONICAL.fullmatch(value):
+            return value
+        m = _ACCEPTED.fullmatch(value)
+        if m is None:
             raise ValueError(
                 f"{value!r} is not a UUID (expected e.g. 01959d7e-3c4a-7b2e-9f00-1a2b3c4d5e6f)"
-            ) from None
+            )
+        h = (m.group(1) or m.group(2) or m.group(3) or m.group(4)).replace("-", "").lower()
+        return f"{h[0:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
 
     @classmethod
     def new(cls) -> Self:

@@ -17,7 +17,9 @@ __all__ = ["WireModel"]
 
 
 class WireModel(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=False)
+    model_config = ConfigDict(
+        extra="ignore", populate_by_name=True, frozen=False, serialize_by_alias=True
+    )
 
     _keep_none: ClassVar[frozenset[str]] = frozenset()
     _omit_empty: ClassVar[frozenset[str]] = frozenset()

@@ -181,9 +181,13 @@ class Runtime:
         if executor is None:
             from .core.agent import AgentConfig, AgentExecutor
 
-            executor = AgentExecutor(
-                AgentConfig(model=model, system_prompt=system_prompt, offline_script=offline_script)
-            )
+            try:
+                config = AgentConfig(
+                    model=model, system_prompt=system_prompt, offline_script=offline_script
+                )
+            except ValueError as exc:
+                raise InvalidOperationError(f"cannot create the session: {exc}") from None
+            executor = AgentExecutor(config, session_id=sid)
         rt = SessionRuntime(
             sid,
             self.store,

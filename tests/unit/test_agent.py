@@ -12,7 +12,12 @@ from typing import Any, TypeVar
 import pytest
 
 from meerkat_runtime._ids import InputId, RunId
-from meerkat_runtime.core.agent import AgentConfig, AgentExecutor, messages_from_staged
+from meerkat_runtime.core.agent import (
+    INTERRUPTED_TOOL_RESULT,
+    AgentConfig,
+    AgentExecutor,
+    messages_from_staged,
+)
 from meerkat_runtime.core.lifecycle import (
     ConversationAppend,
     ConversationAppendRole,
@@ -50,6 +55,7 @@ class FakeRun:
         log: list[str] | None = None,
     ) -> None:
         self.run_id = RunId.new()
+        self.session_id = "fake-session"
         self.primitive = primitive
         self.is_continuation = not primitive.appends and not primitive.contributing_input_ids
         self.cancelled = asyncio.Event()
@@ -200,7 +206,8 @@ async def test_continuation_commits_an_empty_boundary_and_answers_from_history()
     history = [Message(role="user", content="q"), Message(role="assistant", content="a")]
     primitive = StagedInput(boundary=RunApplyBoundary.RUN_START)
     agent, run, _, log = _harness(
-        primitive, [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}],
+        primitive,
+        [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}],
         history=history,
     )
     result = await agent.apply(run)
@@ -208,6 +215,30 @@ async def test_continuation_commits_an_empty_boundary_and_answers_from_history()
     assert run.boundary_deltas == [[]]
     assert log == ["boundary", "model:committed=2"]
     assert result is not None and result.text == "second"
+
+
+async def test_tool_calls_left_without_a_result_are_answered_at_the_boundary() -> None:
+    done = ToolCall(id="call_0", name="a")
+    dangling = [ToolCall(id="call_2", name="b"), ToolCall(id="call_3", name="wait")]
+    history = [
+        Message(role="user", content="u"),
+        Message(role="assistant", tool_calls=[done]),
+        Message(role="tool", content="ok", tool_call_id="call_0", name="a"),
+        Message(role="assistant", tool_calls=dangling),
+    ]
+    agent, run, model, _ = _harness(_prompt("next"), history=history)
+    await agent.apply(run)
+    assert run.boundary_deltas == [
+        [
+            Message(role="tool", content=INTERRUPTED_TOOL_RESULT, tool_call_id="call_2", name="b"),
+            Message(
+                role="tool", content=INTERRUPTED_TOOL_RESULT, tool_call_id="call_3", name="wait"
+            ),
+            Message(role="user", content="next"),
+        ]
+    ]
+    assert INTERRUPTED_TOOL_RESULT == "interrupted, not re-run"
+    assert len(model.requests[0].messages) == 7
 
 
 async def test_boundary_renders_context_and_non_text_appends() -> None:
@@ -466,7 +497,7 @@ async def test_max_turns_exceeded_is_a_permanent_failure() -> None:
 
 
 def test_config_rejects_a_malformed_script_and_bad_max_turns() -> None:
-    with pytest.raises(ValueError, match=r"offline script\[1\]: unknown step type \"sleep\""):
+    with pytest.raises(ValueError, match=r"offline script\[1\]: unknown step type 'sleep'"):
         AgentConfig(offline_script=[{"type": "text", "text": "a"}, {"type": "sleep"}])
     with pytest.raises(ValueError, match="max_turns must be at least 1"):
         AgentConfig(max_turns=0)

@@ -589,27 +589,16 @@ def test_reconstruction_source_coalescing_serde() -> None:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG InputState.transition: a target passed as a plain string ('consumed', e.g. read "
-    "back from a store column) is stored unconverted and skips the automatic Consumed outcome, "
-    "because the outcome check uses `to is InputLifecycleState.CONSUMED`",
-)
 def test_transition_coerces_string_targets() -> None:
+    """Regression: a str target was stored unconverted and skipped the Consumed outcome."""
     s = state_at(APC)
     s.transition("consumed")  # type: ignore[arg-type]
     assert s.current_state is CON
     assert s.terminal_outcome == ConsumedOutcome()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Wire footgun in WireModel: model_dump_json()/model_dump() write the history key as "
-    "'from_' unless by_alias=True is passed; only to_json()/to_json_dict() write 'from'",
-)
 def test_plain_pydantic_dump_uses_wire_key_from() -> None:
+    """Regression: model_dump_json() wrote 'from_' unless by_alias=True was passed."""
     s = state_at(ACC)
     s.transition(QUE)
     assert "from" in json.loads(s.model_dump_json())["history"][0]

@@ -159,13 +159,8 @@ def test_run_event_unknown_tag_and_missing_fields_refused() -> None:
         EVENT.validate_json('{"event_type":"run_started"}')
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="GAP: RunEvent has no contributing_input_ids accessor (reference-runtime §6.2: the "
-    "receipt's list for boundary_applied, consumed ids for run_completed, empty otherwise)",
-)
 def test_contributing_input_ids_accessor() -> None:
+    """reference-runtime §6.2: receipt ids, consumed ids, or empty."""
     started, applied, completed, failed, cancelled = _all_events()
     assert applied.contributing_input_ids == [IN1, IN2]
     assert completed.contributing_input_ids == [IN3]
@@ -282,14 +277,8 @@ def test_core_renderable_json_serde(value: Any) -> None:
     assert back.value == value
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason='BUG JsonRenderable: a null value is omitted ({"type":"json"}); 0.4.10\'s '
-    "serde_json::Value field is required, so 0.4.10 readers reject it. Add "
-    "_keep_none = frozenset({'value'}) to JsonRenderable",
-)
 def test_core_renderable_json_null_value_written() -> None:
+    """Regression: a null value was omitted; 0.4.10 requires the `value` key."""
     assert json.loads(REND.dump_json(JsonRenderable(value=None))) == {"type": "json", "value": None}
 
 
@@ -421,12 +410,6 @@ def test_run_primitive_contributing_input_ids_staged() -> None:
     assert p.turn_metadata is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="GAP: immediate_append / immediate_context_append have no contributing_input_ids "
-    "(reference-runtime §6.6: contributing_input_ids() is the staged list or empty)",
-)
 @pytest.mark.parametrize(
     "prim",
     [
@@ -436,6 +419,7 @@ def test_run_primitive_contributing_input_ids_staged() -> None:
     ids=["immediate_append", "immediate_context_append"],
 )
 def test_run_primitive_contributing_input_ids_empty_for_immediate(prim: Any) -> None:
+    """reference-runtime §6.6: contributing_input_ids() is the staged list or empty."""
     assert prim.contributing_input_ids == []
 
 
@@ -466,13 +450,8 @@ def test_turn_metadata_extensions_roundtrip_and_validate() -> None:
         RuntimeTurnMetadata(structured_output_retries=-1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG BoundaryAppliedEvent.session_snapshot is list[int] without bounds; it is bytes "
-    "(0-255) in 0.4.10, so values like 256 or -1 must be refused",
-)
 @pytest.mark.parametrize("bad", [[256], [-1]])
 def test_session_snapshot_values_are_bytes(bad: list[int]) -> None:
+    """Regression: session_snapshot is bytes (0-255) in 0.4.10."""
     with pytest.raises(ValidationError):
         BoundaryAppliedEvent(run_id=RUN, receipt=receipt(), session_snapshot=bad)

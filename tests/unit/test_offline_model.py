@@ -53,7 +53,9 @@ async def test_echo_usage_is_a_word_count_estimate() -> None:
     response = await OfflineModel().complete(
         ModelRequest(messages=[_user("one two three")], system_prompt="be brief")
     )
-    assert response.text == 'offline model: you said "one two three" (1 messages in the conversation)'
+    assert (
+        response.text == 'offline model: you said "one two three" (1 messages in the conversation)'
+    )
     assert response.usage.input_tokens == 5  # "be brief" + "one two three"
     assert response.usage.output_tokens == 12
 
@@ -86,7 +88,13 @@ async def test_tool_step_call_id_arguments_and_behaviour() -> None:
     model = OfflineModel(
         [
             {"type": "text", "text": "t"},
-            {"type": "tool", "name": "search", "args": {"q": "x"}, "duration": 0.25, "result": "3 hits"},
+            {
+                "type": "tool",
+                "name": "search",
+                "args": {"q": "x"},
+                "duration": 0.25,
+                "result": "3 hits",
+            },
         ]
     )
     response = await model.complete(_req(_user("u"), _assistant("t"), _user("v")))
@@ -190,9 +198,9 @@ async def test_before_boundary_waits_for_an_earlier_model_phase_fail() -> None:
     )
     await model.before_boundary(_req())  # the first step with failures left is model-phase
     assert model.failures(None, 1) == 0
-    with pytest.raises(ModelError, match="^m$"):
+    with pytest.raises(ModelError, match=r"^m$"):
         await model.complete(_req(_user("u")))
-    with pytest.raises(ModelError, match="^b$"):
+    with pytest.raises(ModelError, match=r"^b$"):
         await model.before_boundary(_req())
     assert (await model.complete(_req(_user("u")))).text == "ok"
 
@@ -249,7 +257,10 @@ def test_parse_script_accepts_json_text_and_applies_defaults() -> None:
 @pytest.mark.parametrize(
     ("script", "fragments"),
     [
-        ([{"type": "text", "text": "a"}, {"type": "nope"}], ["script[1]", 'unknown step type "nope"']),
+        (
+            [{"type": "text", "text": "a"}, {"type": "nope"}],
+            ["script[1]", "unknown step type 'nope'"],
+        ),
         ([{"text": "a"}], ["script[0]", 'missing "type"']),
         ([{"type": "tool"}], ["script[0]", "invalid 'tool' step", "name: Field required"]),
         ([{"type": "text", "text": "a", "delay": -1}], ["script[0]", "delay:"]),
@@ -257,6 +268,7 @@ def test_parse_script_accepts_json_text_and_applies_defaults() -> None:
         ([{"type": "fail", "phase": "later"}], ["script[0]", "phase:"]),
         ([{"type": "wait", "timeout": 1, "tmeout": 2}], ["script[0]", "tmeout: Extra inputs"]),
         (["text"], ["script[0]", "expected an object, got str"]),
+        ([{"type": ["text"]}], ["script[0]", "unknown step type ['text']"]),
     ],
 )
 def test_malformed_step_names_the_step_and_the_accepted_types(

@@ -6,7 +6,10 @@ What ``AgentExecutor.apply`` guarantees, in order:
    raised before ``commit_boundary``, so the runtime re-queues the head input (S4). Both are
    skipped for an ``immediate`` boundary, which makes no model call.
 2. ``commit_boundary`` is called exactly once, before any model or tool work, with the
-   primitive's appends rendered as messages (an empty list for a continuation).
+   primitive's appends rendered as messages (none for a continuation), preceded by a synthetic
+   ``INTERRUPTED_TOOL_RESULT`` for every tool call in the conversation that has no result (a
+   cancelled or crashed run's; S6), so every call is answered before the next model call and
+   is never run again.
 3. An ``immediate`` boundary ends there: ``apply`` returns ``None`` (a context append).
 4. Otherwise at most ``max_turns`` model calls, each over ``run.conversation()``. A text answer
    is appended and ends the run. Tool calls are appended as one assistant message, run in
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -48,7 +52,16 @@ from .lifecycle import (
     Usage,
 )
 
-__all__ = ["WAIT_TOOL", "AgentConfig", "AgentExecutor", "messages_from_staged"]
+__all__ = [
+    "INTERRUPTED_TOOL_RESULT",
+    "WAIT_TOOL",
+    "AgentConfig",
+    "AgentExecutor",
+    "messages_from_staged",
+]
+
+INTERRUPTED_TOOL_RESULT = "interrupted, not re-run"
+"""The result the agent records for a tool call found without one (S6)."""
 
 WAIT_TOOL = ToolSpec(
     name=WAIT_TOOL_NAME,
@@ -130,6 +143,23 @@ def messages_from_staged(staged: StagedRunInput) -> list[Message]:
     return messages
 
 
+def _dangling_tool_results(conversation: Sequence[Message]) -> list[Message]:
+    """Synthetic results for tool calls that have no result message (the run that made them
+    was cancelled or the process died), in call order (S6: never re-run, always answered)."""
+    answered = {m.tool_call_id for m in conversation if m.role == "tool"}
+    return [
+        Message(role="tool", content=INTERRUPTED_TOOL_RESULT, tool_call_id=call.id, name=call.name)
+        for message in conversation
+        if message.role == "assistant"
+        for call in message.tool_calls
+        if call.id not in answered
+    ]
+
+
+def _boundary_delta(run: RunContext, primitive: StagedRunInput) -> list[Message]:
+    return [*_dangling_tool_results(run.conversation()), *messages_from_staged(primitive)]
+
+
 def _raise_if_cancelled(run: RunContext) -> None:
     """Checked before creating a coroutine for ``run.guard``, so a run that is already
     cancelled never creates one it will not await."""
@@ -175,7 +205,7 @@ class AgentExecutor:
         primitive = run.primitive
         immediate = primitive.boundary == RunApplyBoundary.IMMEDIATE
         if immediate:
-            await run.commit_boundary(messages_from_staged(primitive))
+            await run.commit_boundary(_boundary_delta(run, primitive))
             return None
         settings = self._settings(primitive.turn_metadata)
         model = self._resolve(settings.model)
@@ -185,7 +215,7 @@ class AgentExecutor:
                 await run.guard(model.before_boundary(self._request(run, settings)))
             except ModelError as err:
                 raise _model_failure(err) from err
-        await run.commit_boundary(messages_from_staged(primitive))
+        await run.commit_boundary(_boundary_delta(run, primitive))
         return await self._turn_loop(run, model, settings)
 
     def _settings(self, meta: RuntimeTurnMetadata | None) -> _TurnSettings:

@@ -9,6 +9,7 @@ append came from, recorded on the conversation row), and the per-turn overrides 
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import Awaitable, Sequence
 from typing import Annotated, Any, Literal, Protocol, TypeVar, runtime_checkable
@@ -79,6 +80,7 @@ class TextRenderable(WireModel):
 
 class JsonRenderable(WireModel):
     _tag = "type"
+    _keep_none = frozenset({"value"})
     type: Literal["json"] = "json"
     value: Any = None
 
@@ -169,10 +171,18 @@ class ImmediateAppend(ConversationAppend):
     _tag = "primitive_type"
     primitive_type: Literal["immediate_append"] = "immediate_append"
 
+    @property
+    def contributing_input_ids(self) -> list[InputId]:
+        return []
+
 
 class ImmediateContextAppend(ConversationContextAppend):
     _tag = "primitive_type"
     primitive_type: Literal["immediate_context_append"] = "immediate_context_append"
+
+    @property
+    def contributing_input_ids(self) -> list[InputId]:
+        return []
 
 
 RunPrimitive = Annotated[
@@ -195,6 +205,10 @@ class RunBoundaryReceipt(WireModel):
 
 
 class RunStartedEvent(WireModel):
+    @property
+    def contributing_input_ids(self) -> list[InputId]:
+        return []
+
     _tag = "event_type"
     event_type: Literal["run_started"] = "run_started"
     run_id: RunId
@@ -205,7 +219,11 @@ class BoundaryAppliedEvent(WireModel):
     event_type: Literal["boundary_applied"] = "boundary_applied"
     run_id: RunId
     receipt: RunBoundaryReceipt
-    session_snapshot: list[int] | None = None
+    session_snapshot: list[Annotated[int, Field(ge=0, le=255)]] | None = None
+
+    @property
+    def contributing_input_ids(self) -> list[InputId]:
+        return list(self.receipt.contributing_input_ids)
 
 
 class RunCompletedEvent(WireModel):
@@ -214,8 +232,16 @@ class RunCompletedEvent(WireModel):
     run_id: RunId
     consumed_input_ids: list[InputId] = Field(default_factory=list)
 
+    @property
+    def contributing_input_ids(self) -> list[InputId]:
+        return list(self.consumed_input_ids)
+
 
 class RunFailedEvent(WireModel):
+    @property
+    def contributing_input_ids(self) -> list[InputId]:
+        return []
+
     _tag = "event_type"
     event_type: Literal["run_failed"] = "run_failed"
     run_id: RunId
@@ -224,6 +250,10 @@ class RunFailedEvent(WireModel):
 
 
 class RunCancelledEvent(WireModel):
+    @property
+    def contributing_input_ids(self) -> list[InputId]:
+        return []
+
     _tag = "event_type"
     event_type: Literal["run_cancelled"] = "run_cancelled"
     run_id: RunId
@@ -359,13 +389,16 @@ class RunContext(Protocol):
     Contract (spec §3): call ``commit_boundary`` exactly once, before any model or tool work,
     with the appends made from ``primitive``; call ``checkpoint`` between model calls; watch
     ``cancelled`` at every await. Messages passed to ``append`` are committed with the next
-    commit (boundary, checkpoint, or the completion when ``apply`` returns).
+    commit (boundary, checkpoint, or the completion when ``apply`` returns), ahead of that
+    commit's ``delta``. ``guard`` closes a coroutine it does not await (when the run is
+    already cancelled).
     """
 
     run_id: RunId
+    session_id: str
     primitive: StagedInput
     is_continuation: bool
-    cancelled: Any  # asyncio.Event
+    cancelled: asyncio.Event
 
     async def commit_boundary(self, delta: Sequence[Message] = ()) -> RunBoundaryReceipt: ...
 
@@ -375,7 +408,7 @@ class RunContext(Protocol):
 
     def conversation(self) -> list[Message]: ...
 
-    async def wait(self, timeout: float) -> str: ...
+    async def wait(self, timeout: float) -> Literal["interrupted", "timeout"]: ...
 
     async def guard(self, awaitable: Awaitable[T]) -> T: ...
 

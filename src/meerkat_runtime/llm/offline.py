@@ -155,8 +155,8 @@ def parse_script(script: str | Sequence[Mapping[str, Any]]) -> list[ScriptStep]:
         if not isinstance(item, Mapping):
             raise _step_error(index, f"expected an object, got {type(item).__name__}")
         kind = item.get("type")
-        if kind not in _STEP_TYPES:
-            problem = 'missing "type"' if kind is None else f"unknown step type {compact(kind)}"
+        if not isinstance(kind, str) or kind not in _STEP_TYPES:
+            problem = 'missing "type"' if kind is None else f"unknown step type {kind!r}"
             raise _step_error(index, problem)
         try:
             steps.append(_STEP_ADAPTER.validate_python(dict(item)))
@@ -207,7 +207,7 @@ def _echo_text(messages: Sequence[Message]) -> str:
     n = len(messages)
     for message in reversed(messages):
         if message.role == "user":
-            return f'offline model: you said "{message.content}" ({n - 1} messages in the conversation)'
+            return f'offline model: you said "{message.content}" ({n} messages in the conversation)'
     return f"offline model: nothing to answer ({n} messages in the conversation)"
 
 

@@ -1676,7 +1676,7 @@ class _RunContext:
             await task
         raise RunCancelled(self._run.cancel_reason)
 
-    async def wait(self, timeout: float) -> str:
+    async def wait(self, timeout: float) -> Literal["interrupted", "timeout"]:
         """Park until an ``interrupt_yielding`` input arrives ("interrupted") or ``timeout``
         passes ("timeout"); raise RunCancelled on cancel (S1, S8)."""
         run = self._run

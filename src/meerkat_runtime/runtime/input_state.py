@@ -214,6 +214,7 @@ class InputState(WireModel):
     ) -> None:
         """Move to ``to`` or raise, changing nothing on error (reference-inputs.md §7.2)."""
         src = self.current_state
+        to = InputLifecycleState(to)
         if src in _TERMINAL:
             raise TerminalStateError(self.input_id, src)
         if (src, to) not in _LEGAL:
