@@ -667,7 +667,9 @@ _INTERNAL_MATRIX = {
     "peer:request": "Derived durability forbidden for peer_request",
     "peer:response_terminal": "Derived durability forbidden for peer_response_terminal",
     "peer:response_progress": None,
-    "peer:none": None,
+    # S13 overrides the reference here: a peer message without a convention is still a
+    # peer message, and may not be derived
+    "peer:none": "Derived durability forbidden for peer_message",
     "flow_step": "Derived durability forbidden for flow_step",
     "external_event": None,
     "system_generated": None,

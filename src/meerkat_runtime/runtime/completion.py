@@ -65,9 +65,10 @@ class CompletionRegistry:
         n = 0
         waiters, self._waiters = self._waiters, {}
         for input_id, lst in waiters.items():
-            for fut, _ in lst:
+            for fut, transform in lst:
                 if not fut.done():
-                    fut.set_result(TerminatedWait(input_id=input_id, reason=reason))
+                    outcome = TerminatedWait(input_id=input_id, reason=reason)
+                    fut.set_result(transform(outcome) if transform else outcome)
                     n += 1
         return n
 

@@ -71,6 +71,7 @@ from .inputs import (
     PeerInput,
     ProjectedInput,
     PromptInput,
+    SystemGeneratedInput,
     SystemOrigin,
     content_hash,
     kind_id,
@@ -106,6 +107,15 @@ from .queue import InputQueue
 from .state import RuntimeState
 
 __all__ = ["Rebuilders", "RuntimeConfig", "SessionRuntime"]
+
+_INPUT_TYPES = (
+    PromptInput,
+    PeerInput,
+    FlowStepInput,
+    ExternalEventInput,
+    SystemGeneratedInput,
+    ProjectedInput,
+)
 
 IS = InputLifecycleState
 T = TypeVar("T")
@@ -162,6 +172,7 @@ class _Run:
         "buffer",
         "cancel_reason",
         "cancelled",
+        "consumed_early",
         "done",
         "fenced",
         "head",
@@ -185,6 +196,7 @@ class _Run:
         self.pending_apply: list[InputId] = []
         self.pending_join: list[InputId] = []
         self.applied: list[InputId] = []
+        self.consumed_early: list[InputId] = []
         self.buffer: list[Message] = []
         self.boundary_committed = False
         self.next_sequence = 0
@@ -231,7 +243,7 @@ class SessionRuntime:
         self._pending_consumption: dict[InputId, None] = {}
         self._continuation_pending = False
         self._paused_until: float | None = None
-        self._pause_kind: Literal["retry", "continuation"] | None = None
+        self._retry_input: InputId | None = None  # the head waiting out a retry pause
         self.conversation = Conversation()
         self._events: deque[RuntimeEventEnvelope] = deque(maxlen=self.config.event_retention)
         self._next_seq = 1
@@ -242,6 +254,7 @@ class SessionRuntime:
         self._loop_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closed_reason: str | None = None
+        self._closing = False
 
     # ------------------------------------------------------------------ transactions
 
@@ -406,7 +419,7 @@ class SessionRuntime:
                 input = parse_input(raw)
             except ValueError as exc:
                 return self._reject(str(exc), RejectCode.INVALID), None
-        elif isinstance(raw, dict):
+        elif not isinstance(raw, _INPUT_TYPES):
             try:
                 input = parse_input(raw)
             except ValueError as exc:
@@ -582,8 +595,12 @@ class SessionRuntime:
             if outcome is not None:
                 fut.set_result(outcome)
                 return fut
+            out = entry.state.terminal_outcome
+            if out is None or out.outcome_type != "coalesced":
+                # consumed early in a run still in flight: answered when that run ends
+                return self.completions.register(input_id)
             # coalesced into a still-pending aggregate: follow it
-            agg = entry.state.terminal_outcome.aggregate_id  # type: ignore[union-attr]
+            agg = out.aggregate_id
             return self.completions.register(agg, functools.partial(_via, agg, input_id))
         if self._closed_reason is not None:
             fut = asyncio.get_running_loop().create_future()
@@ -602,6 +619,8 @@ class SessionRuntime:
         run = self.runs.get(st.last_run_id) if st.last_run_id is not None else None
         kind = out.outcome_type if out is not None else "consumed"
         if kind == "consumed":
+            if run is not None and run.status == "running":
+                return None  # consumed early (on_apply); answered when its run ends
             if run is not None and run.status == "cancelled":
                 return CancelledWait(input_id=input_id)
             if run is not None and run.result is not None:
@@ -681,7 +700,7 @@ class SessionRuntime:
     # ------------------------------------------------------------------ the loop
 
     def _has_work(self) -> bool:
-        if self.held or self._active is not None or not self.state.can_process_queue:
+        if self._closing or self.held or self._active is not None or not self.state.can_process_queue:
             return False
         if self._continuation_pending and self._pending_consumption:
             return True
@@ -710,7 +729,7 @@ class SessionRuntime:
                             await asyncio.wait_for(self._wake.wait(), delay)
                         continue
                     self._paused_until = None
-                    self._pause_kind = None
+                    self._retry_input = None
                 started = self._start_run()
                 if started is None:
                     return
@@ -892,6 +911,11 @@ class SessionRuntime:
                 self._active = None
             run.done.set()
 
+    def _resolve_early(self, txn: Txn, run: _Run) -> None:
+        """Waiters of inputs consumed at their boundary are answered when the run ends."""
+        for iid in run.consumed_early:
+            txn.after_commit.append(functools.partial(self._resolve_waiters, iid))
+
     def _finish_state(self, txn: Txn, run: _Run, now: datetime) -> None:
         if self.state is RuntimeState.RUNNING:
             self._set_state(txn, run.pre_state, now)
@@ -915,6 +939,7 @@ class SessionRuntime:
             if cp in (ConsumePoint.ON_APPLY, ConsumePoint.ON_RUN_START):
                 self._transition(txn, e, IS.CONSUMED, now, f"consumed {cp.value}")
                 self._emit_input(txn, "consumed", now, input_id=iid, run_id=run.run_id)
+                run.consumed_early.append(iid)
             elif cp is ConsumePoint.ON_RUN_COMPLETE:
                 self._pending_consumption[iid] = None
                 run.applied.append(iid)
@@ -1054,6 +1079,7 @@ class SessionRuntime:
                 self._emit_input(txn, "consumed", now, input_id=iid, run_id=run.run_id)
         self._continuation_pending = False
         self._active = None
+        self._resolve_early(txn, run)
         self._finish_state(txn, run, now)
         self._emit_run(txn, "completed", now, run_id=run.run_id)
         self._submit(txn)
@@ -1091,6 +1117,7 @@ class SessionRuntime:
                     self._abandon(txn, head, InputAbandonReason.RETRY_BUDGET_EXCEEDED, now, error)
                 else:
                     delay = self._backoff(head.state.attempt_count)
+                    self._retry_input = head.state.input_id
                     self._emit_run(
                         txn,
                         "retry_scheduled",
@@ -1119,6 +1146,7 @@ class SessionRuntime:
         if delay is not None:
             self._paused_until = time.monotonic() + delay
         self._active = None
+        self._resolve_early(txn, run)
         self._finish_state(txn, run, now)
         self._submit(txn)
 
@@ -1207,6 +1235,7 @@ class SessionRuntime:
         run.pending_join.clear()
         self._continuation_pending = False
         self._active = None
+        self._resolve_early(txn, run)
         self._finish_state(txn, run, now)
         self._emit_run(txn, "cancelled", now, run_id=run.run_id, reason=run.cancel_reason or None)
         self._submit(txn)
@@ -1230,16 +1259,24 @@ class SessionRuntime:
         now = utcnow()
         txn = self._txn(durable=True)
         self._paused_until = None
+        retry, self._retry_input = self._retry_input, None
         if self._continuation_pending:
+            # the pending continuation is cancelled: a run that never started, recorded as
+            # cancelled so its inputs' waiters answer ``cancelled`` (S12)
             self._continuation_pending = False
+            record = RunRecord(RunId.new(), self.runtime_id, "cancelled", is_continuation=True)
+            self.runs[record.run_id] = record
+            txn.runs.append(record)
             for iid in list(self._pending_consumption):
                 e = self._entries[iid]
+                e.state.last_run_id = record.run_id
                 self._transition(txn, e, IS.CONSUMED, now, "continuation cancelled")
-                self._emit_input(txn, "consumed", now, input_id=iid)
-        else:
-            order = self._queue.ids()
-            if order:
-                self._abandon(txn, self._entries[order[0]], InputAbandonReason.CANCELLED, now)
+                self._emit_input(txn, "consumed", now, input_id=iid, run_id=record.run_id)
+            self._emit_run(txn, "cancelled", now, run_id=record.run_id, reason=reason or None)
+        elif retry is not None:
+            e = self._entries[retry]
+            if e.state.current_state in (IS.ACCEPTED, IS.QUEUED):
+                self._abandon(txn, e, InputAbandonReason.CANCELLED, now)
         self._submit(txn)
         self._kick()
         return True
@@ -1262,7 +1299,7 @@ class SessionRuntime:
         """Consume an ``explicit_ack`` input left applied by its completed run (S1)."""
         entry = self._entry(input_id)
         if entry.state.current_state is not IS.APPLIED_PENDING_CONSUMPTION or (
-            self._active is not None and input_id in self._active.applied
+            self._active is not None and entry.state.last_run_id == self._active.run_id
         ):
             raise InvalidOperationError(
                 f"input {input_id} is {entry.state.current_state.value}; only inputs applied by "
@@ -1473,6 +1510,7 @@ class SessionRuntime:
         if run is not None:
             run.record.status = "cancelled"
             txn.runs.append(run.record)
+            self._resolve_early(txn, run)
             self._emit_run(txn, "cancelled", now, run_id=run.run_id, reason="runtime reset")
         n = self._abandon_all(txn, InputAbandonReason.RESET, now)
         self._queue.clear()
@@ -1501,6 +1539,7 @@ class SessionRuntime:
         if run is not None:
             run.record.status = "cancelled"
             txn.runs.append(run.record)
+            self._resolve_early(txn, run)
             self._emit_run(txn, "cancelled", now, run_id=run.run_id, reason="runtime destroyed")
         src = self.state
         self.state = RuntimeState.DESTROYED
@@ -1547,6 +1586,7 @@ class SessionRuntime:
     async def close(self, grace: float | None = None) -> None:
         """S19: give the active run a grace period, then stop it; resolve waiters."""
         grace = self.config.shutdown_grace if grace is None else grace
+        self._closing = True  # no new run starts during the grace period
         run = self._active
         if run is not None and grace > 0:
             with contextlib.suppress(TimeoutError):

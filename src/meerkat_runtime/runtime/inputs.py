@@ -348,12 +348,13 @@ def kind_id(input: Input) -> str:
     return input.input_type
 
 
-def parse_input(data: str | bytes | dict[str, Any]) -> Input:
-    """Read an input document; raises ``ValueError`` with a readable message when malformed."""
+def parse_input(data: Any) -> Input:
+    """Read an input document (JSON text or bytes, or an already-decoded value); raises
+    ``ValueError`` with a readable message when malformed."""
     try:
-        if isinstance(data, dict):
-            return input_adapter.validate_python(data)
-        return input_adapter.validate_json(data)
+        if isinstance(data, (str, bytes, bytearray)):
+            return input_adapter.validate_json(data)
+        return input_adapter.validate_python(data)
     except ValidationError as exc:
         raise ValueError(_describe_validation_error(exc)) from None
 
@@ -403,10 +404,12 @@ def validate_durability(input: Input) -> DurabilityError | None:
         return DurabilityError("Derived durability forbidden for prompt")
     if isinstance(input, FlowStepInput):
         return DurabilityError("Derived durability forbidden for flow_step")
-    if isinstance(input, PeerInput) and input.convention is not None:
-        ct = input.convention.convention_type
+    if isinstance(input, PeerInput):
+        # S13: peer messages (with or without a convention), requests and terminal responses
+        # may not be derived; only progress responses may. Our texts name the kind once
+        # (spec §2: no doubled ``peer_peer_`` prefix).
+        ct = input.convention.convention_type if input.convention is not None else "message"
         if ct != "response_progress":
-            # Ours is clear: no doubled ``peer_peer_`` prefix (spec §2: error texts are ours).
             return DurabilityError(f"Derived durability forbidden for {_CONVENTION_KIND[ct]}")
     return None
 

@@ -1,0 +1,1137 @@
+"""A stateful model test of the per-session control plane (S1-S5, S8, S9, S12, S17).
+
+Hypothesis drives one or two in-memory sessions with random operations: accepts of every
+input kind (with idempotency and supersession keys from tiny pools, durable or ephemeral),
+scripted executor outcomes (success, failure before or after the boundary, permanent
+failures, hangs until cancelled, checkpoint holds, waits), cancels, ``cancel_input``,
+retires (with and without replacement), respawns, resets and "let it run" steps.
+
+The runtime is asyncio based, so each test case owns a fresh event loop; every rule runs one
+coroutine that performs the action, checks what must hold at once, then lets the loop settle
+(until every session is idle or its run is parked in the executor). Invariants are checked
+after every step; the teardown closes the runtime and checks that every waiter resolves.
+
+What a failure means: every assertion names the rule it checks. A failing example is shrunk
+by hypothesis; turn it into a plain test (see the xfail tests at the end of the file) and
+fix the runtime, never the model, unless the model misreads the spec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+
+from meerkat_runtime import (
+    ExternalEventInput,
+    FlowStepInput,
+    InvalidOperationError,
+    Message,
+    PeerInput,
+    ProjectedInput,
+    PromptInput,
+    RunCancelled,
+    RunFailure,
+    RunFenced,
+    RunResult,
+    Runtime,
+    RuntimeConfig,
+    RuntimeState,
+    SystemGeneratedInput,
+)
+from meerkat_runtime._ids import InputId
+from meerkat_runtime.core.lifecycle import RunContext
+from meerkat_runtime.runtime.input_state import (
+    CoalescingSource,
+    InputLifecycleState,
+    InputState,
+)
+from meerkat_runtime.runtime.inputs import (
+    Input,
+    MessageConvention,
+    RequestConvention,
+    ResponseProgressConvention,
+    ResponseProgressPhase,
+    ResponseTerminalConvention,
+    ResponseTerminalStatus,
+    kind_id,
+)
+from meerkat_runtime.runtime.policy import ApplyMode, QueueMode, default_policy_table
+from tests.helpers import messages_from
+
+IS = InputLifecycleState
+NON_TERMINAL_PENDING = (IS.ACCEPTED, IS.QUEUED)
+MAX_ATTEMPTS = 3
+POLICY = default_policy_table()
+
+# --- inputs -------------------------------------------------------------------------------
+
+#: spec kind -> the policy kind id it resolves to (reference-inputs.md §2.6)
+KIND_ID = {
+    "prompt": "prompt",
+    "peer_none": "peer_message",  # a peer input without convention is a message
+    "peer_message": "peer_message",
+    "peer_request": "peer_request",
+    "peer_progress": "peer_response_progress",
+    "peer_terminal": "peer_response_terminal",
+    "flow_step": "flow_step",
+    "external_build": "external_event",
+    "external_deploy": "external_event",
+    "system": "system_generated",
+    "projected": "projected",
+}
+KINDS = tuple(KIND_ID)
+#: kinds whose policy, resolved as if idle, wakes the runtime (S17; inject_now wakes too)
+WAKING_KIND_IDS = frozenset(
+    {
+        "prompt",
+        "peer_message",
+        "peer_request",
+        "peer_response_terminal",
+        "flow_step",
+        "external_event",
+        "system_generated",
+    }
+)
+IDEM_KEYS = ("idem-1", "idem-2", "idem-3")
+SUP_KEYS = ("sup-1", "sup-2")
+
+
+class Spec(NamedTuple):
+    """What an input is made of; two inputs built from equal specs have equal content (S11)."""
+
+    kind: str
+    variant: int
+    idem: str | None
+    sup: str | None
+    durability: str
+
+
+@st.composite
+def input_specs(draw: st.DrawFn) -> Spec:
+    kind = draw(st.sampled_from(KINDS))
+    durabilities = ["durable", "ephemeral"]
+    if kind in ("projected", "system"):
+        durabilities.append("derived")
+    return Spec(
+        kind=kind,
+        variant=draw(st.integers(0, 1)),
+        idem=draw(st.none() | st.sampled_from(IDEM_KEYS)),
+        sup=draw(st.none() | st.sampled_from(SUP_KEYS)),
+        durability=draw(st.sampled_from(durabilities)),
+    )
+
+
+def build_input(spec: Spec) -> Input:
+    """A fresh input (new id and timestamp) for ``spec``."""
+    v = spec.variant
+    hdr: dict[str, Any] = {
+        "idempotency_key": spec.idem,
+        "supersession_key": spec.sup,
+        "durability": spec.durability,
+    }
+    k = spec.kind
+    if k == "prompt":
+        return PromptInput.new(f"prompt {v}", **hdr)
+    if k == "peer_none":
+        return PeerInput.new(f"hello {v}", peer_id="peer-a", **hdr)
+    if k == "peer_message":
+        return PeerInput.new(f"note {v}", peer_id="peer-a", convention=MessageConvention(), **hdr)
+    if k == "peer_request":
+        conv = RequestConvention(request_id=f"req-{v}", intent="review")
+        return PeerInput.new(f"please {v}", peer_id="peer-b", convention=conv, **hdr)
+    if k == "peer_progress":
+        conv2 = ResponseProgressConvention(
+            request_id="req-0", phase=ResponseProgressPhase.IN_PROGRESS
+        )
+        return PeerInput.new(f"progress {v}", peer_id="peer-b", convention=conv2, **hdr)
+    if k == "peer_terminal":
+        conv3 = ResponseTerminalConvention(
+            request_id=f"req-{v}", status=ResponseTerminalStatus.COMPLETED
+        )
+        return PeerInput.new(f"result {v}", peer_id="peer-b", convention=conv3, **hdr)
+    if k == "flow_step":
+        return FlowStepInput.new(f"step-{v}", f"do {v}", flow_id="flow-1", step_index=v, **hdr)
+    if k == "external_build":
+        return ExternalEventInput.new("build.finished", {"n": v}, **hdr)
+    if k == "external_deploy":
+        return ExternalEventInput.new("deploy.started", {"n": v}, **hdr)
+    if k == "system":
+        return SystemGeneratedInput.new("scheduler", f"tick {v}", **hdr)
+    assert k == "projected"
+    return ProjectedInput.new("rule-1", f"evt-{v}", f"projected {v}", **hdr)
+
+
+def joins_boundaries(st_: InputState) -> bool:
+    assert st_.policy is not None
+    return st_.policy.decision.apply_mode in (ApplyMode.STAGE_RUN_BOUNDARY, ApplyMode.INJECT_NOW)
+
+
+def is_priority(st_: InputState) -> bool:
+    assert st_.policy is not None
+    return st_.policy.decision.queue_mode in (QueueMode.PRIORITY, QueueMode.NONE)
+
+
+def wakes_as_if_idle(st_: InputState) -> bool:
+    inp = st_.persisted_input
+    assert inp is not None
+    return kind_id(inp) in WAKING_KIND_IDS
+
+
+# --- the executor -------------------------------------------------------------------------
+
+BEHAVIOURS = (
+    "ok",  # commit the boundary, return a result
+    "none",  # commit, return None (completed without result)
+    "fail_before",  # transient failure before the boundary (S4)
+    "fail_before_permanent",
+    "fail_after",  # transient failure after the boundary (S5)
+    "fail_after_permanent",
+    "hang_before",  # park until cancelled, boundary not committed (S8)
+    "hang",  # commit, then park until cancelled
+    "hold",  # commit, gate, checkpoint, gate, checkpoint, ok (S16)
+    "hold_fail",  # commit, gate, checkpoint, gate, transient failure
+    "wait",  # commit, run.wait() until an interrupt_yielding input or cancel, checkpoint, ok
+)
+TRANSIENT = "transient failure"
+PERMANENT = "permanent failure"
+
+
+@dataclass
+class RunLog:
+    run_id: Any
+    is_continuation: bool
+    behaviour: str
+    start_ids: list[InputId]
+    joined: list[list[InputId]] = field(default_factory=list)
+    pending_join: list[InputId] = field(default_factory=list)
+    boundary: bool = False
+    end: str = "running"
+    text: str | None = None
+
+
+class ChaosExecutor:
+    """A CoreExecutor whose behaviour per run comes from a plan the state machine fills
+    (``ok`` when the plan is empty). It counts concurrent runs and checks, at run start and
+    at each checkpoint, what the runtime hands it (S5, S16, S17)."""
+
+    def __init__(self, machine: RuntimeMachine, sid: str) -> None:
+        self.machine = machine
+        self.sid = sid
+        self.plan: deque[str] = deque()
+        self.active = 0
+        self.max_active = 0
+        self.calls = 0
+        self.ended = 0
+        self.parked = False
+        self.runs: dict[Any, RunLog] = {}
+        self.release_event = asyncio.Event()
+        self.releases = 0
+        self.violations: list[str] = []
+
+    @property
+    def sr(self) -> Any:
+        return self.machine.rt.runtime(self.sid)
+
+    def release(self) -> None:
+        ev, self.release_event = self.release_event, asyncio.Event()
+        self.releases += 1
+        ev.set()
+
+    def _bad(self, msg: str) -> None:
+        self.violations.append(f"[{self.sid}] {msg}")
+
+    async def _park(self, run: RunContext, awaitable: Any) -> Any:
+        self.parked = True
+        try:
+            return await run.guard(awaitable)
+        finally:
+            self.parked = False
+
+    def _check_start(self, run: RunContext, log: RunLog) -> None:
+        sr = self.sr
+        ids = log.start_ids
+        if run.is_continuation:
+            if ids or run.primitive.appends or run.primitive.context_appends:
+                self._bad(f"continuation {run.run_id} carries inputs {ids} (spec §3)")
+            return
+        if not ids:
+            self._bad(f"run {run.run_id} started with no input (S17)")
+            return
+        states = [sr.input_state(i) for i in ids]
+        for s in states:
+            if s.current_state is not IS.STAGED:
+                self._bad(f"run {run.run_id} got {s.input_id} in state {s.current_state} (S5)")
+        in_conv = {i for r in sr.conversation.rows for i in r.input_ids}
+        for i in ids:
+            if i in in_conv:
+                self._bad(f"run {run.run_id} re-applies {i}, already in the conversation (S5)")
+        if not any(wakes_as_if_idle(s) for s in states):
+            self._bad(f"run {run.run_id} started without a waking input: {ids} (S17)")
+        heads = [s.input_id for s in states if not joins_boundaries(s)]
+        if len(heads) > 1:
+            self._bad(f"run {run.run_id} has several run-start heads {heads} (S17)")
+        left = [i for i in sr.queued_ids() if joins_boundaries(sr.input_state(i))]
+        if left:
+            self._bad(f"run {run.run_id} left joinable inputs {left} queued at its start (S17)")
+
+    async def _checkpoint(self, run: RunContext, log: RunLog, delta: list[Message]) -> None:
+        joined = await run.checkpoint(delta)
+        ids = list(joined.contributing_input_ids) if joined is not None else []
+        sr = self.sr
+        if ids and self.machine.retired[self.sid] is not None:
+            self._bad(f"retired run {run.run_id} took {ids} at a checkpoint (S9)")
+        for i in ids:
+            s = sr.input_state(i)
+            if s.current_state is not IS.STAGED or not joins_boundaries(s):
+                self._bad(f"checkpoint joined {i} ({s.current_state}, not joinable?) (S16)")
+        if self.machine.retired[self.sid] is None:
+            left = [i for i in sr.queued_ids() if joins_boundaries(sr.input_state(i))]
+            if left:
+                self._bad(f"checkpoint of {run.run_id} left joinable inputs {left} queued (S16)")
+        log.joined.append(ids)
+        log.pending_join = ids
+        if joined is not None:
+            run.append(*messages_from(joined))
+
+    async def apply(self, run: RunContext) -> RunResult | None:
+        beh = self.plan.popleft() if self.plan else "ok"
+        prim = run.primitive
+        log = RunLog(run.run_id, run.is_continuation, beh, list(prim.contributing_input_ids))
+        self.runs[run.run_id] = log
+        self.calls += 1
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            self._check_start(run, log)
+            msgs = messages_from(prim)
+            if beh.startswith("fail_before"):
+                perm = beh.endswith("permanent")
+                raise RunFailure(
+                    f"{PERMANENT if perm else TRANSIENT} before boundary", permanent=perm
+                )
+            if beh == "hang_before":
+                await self._park(run, asyncio.sleep(3600))
+            await run.commit_boundary(msgs)
+            log.boundary = True
+            if beh.startswith("fail_after"):
+                perm = beh.endswith("permanent")
+                raise RunFailure(
+                    f"{PERMANENT if perm else TRANSIENT} after boundary", permanent=perm
+                )
+            if beh == "hang":
+                await self._park(run, asyncio.sleep(3600))
+            if beh in ("hold", "hold_fail"):
+                await self._park(run, self.release_event.wait())
+                await self._checkpoint(run, log, [Message(role="assistant", content="thinking")])
+                await self._park(run, self.release_event.wait())
+                if beh == "hold_fail":
+                    raise RunFailure(f"{TRANSIENT} after checkpoint")
+                await self._checkpoint(run, log, [])
+            if beh == "wait":
+                self.parked = True
+                try:
+                    await run.wait(3600)
+                finally:
+                    self.parked = False
+                await self._checkpoint(run, log, [])
+            if beh == "none":
+                log.end = "none"
+                return None
+            run.append(Message(role="assistant", content="done"))
+            log.text = f"{beh}:{run.run_id}"
+            log.end = "completed"
+            return RunResult(text=log.text)
+        except (RunCancelled, RunFenced):
+            log.end = "cancelled"
+            raise
+        except RunFailure as exc:
+            log.end = "failed_permanent" if exc.permanent else "failed"
+            raise
+        except asyncio.CancelledError:
+            log.end = "torn_down"
+            raise
+        finally:
+            self.active -= 1
+            self.ended += 1
+
+
+# --- the machine --------------------------------------------------------------------------
+
+
+def _marks_failure(fn: Any) -> Any:
+    """Remember that a step failed, so the teardown does not mask its error with its own."""
+
+    @functools.wraps(fn)
+    def wrapper(self: RuntimeMachine, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except BaseException:
+            self.failed = True
+            raise
+
+    return wrapper
+
+
+
+@dataclass
+class HandleRec:
+    sid: str
+    spec: Spec
+    sent_id: InputId
+    handle: Any  # CompletionHandle
+    target: InputId | None  # the input it follows (None: rejected)
+    seen: str | None = None  # the outcome's JSON once resolved
+
+
+class RuntimeMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.rt = Runtime.open(
+            config=RuntimeConfig(backoff_base=0.0, backoff_max=0.0, max_attempts=MAX_ATTEMPTS)
+        )
+        self.sids: list[str] = []
+        self.execs: dict[str, ChaosExecutor] = {}
+        self.handles: list[HandleRec] = []
+        self.specs: dict[InputId, Spec] = {}
+        self.sid_of: dict[InputId, str] = {}
+        self.seq: dict[InputId, int] = {}
+        self.next_seq = 0
+        self.idem: dict[str, dict[str, tuple[Spec, InputId]]] = {}
+        #: None (idle/running), "held" (retired, replacement planned) or "plain" (retired)
+        self.retired: dict[str, str | None] = {}
+        self.calls_when_held: dict[str, int] = {}
+        self.respawns: dict[str, asyncio.Task[Any]] = {}
+        self.before_reset: dict[str, set[InputId]] = {}
+        self.terminal_json: dict[InputId, str] = {}
+        self.violations: list[str] = []
+        self.failed = False
+
+    # -- plumbing
+
+    def _run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def _sid(self, idx: int) -> str:
+        return self.sids[idx % len(self.sids)]
+
+    def _quiet(self) -> bool:
+        for sid in self.sids:
+            sr = self.rt.runtime(sid)
+            if sr._loop_task is not None and not self.execs[sid].parked:
+                return False
+            task = self.respawns.get(sid)
+            if task is not None and not task.done() and not self.execs[sid].parked:
+                return False
+        return True
+
+    def _fingerprint(self) -> tuple[Any, ...]:
+        out: list[Any] = [self.rt.store.commits]
+        for sid in self.sids:
+            ex = self.execs[sid]
+            sr = self.rt.runtime(sid)
+            out += [ex.calls, ex.ended, ex.parked, sr.last_seq, sr._loop_task is None]
+        out += [t.done() for t in self.respawns.values()]
+        return tuple(out)
+
+    async def _settle(self) -> None:
+        """Let the loop run until every session is idle or parked in its executor."""
+        stable = 0
+        for _ in range(500):
+            before = self._fingerprint()
+            for _ in range(5):
+                await asyncio.sleep(0)
+            if self._fingerprint() == before and self._quiet():
+                stable += 1
+                if stable >= 2:
+                    return
+            else:
+                stable = 0
+        raise AssertionError("the runtime did not settle (a livelock, or a run that never ends)")
+
+    def _states(self, sid: str) -> dict[InputId, InputState]:
+        sr = self.rt.runtime(sid)
+        return {i: sr.input_state(i) for i in sr.input_ids(include_terminal=True)}
+
+    def _bad(self, msg: str) -> None:
+        self.violations.append(msg)
+
+    # -- setup
+
+    @initialize(n=st.integers(1, 2))
+    @_marks_failure
+    def open_sessions(self, n: int) -> None:
+        async def go() -> None:
+            for i in range(n):
+                sid = f"session-{i}"
+                ex = ChaosExecutor(self, sid)
+                await self.rt.create_session(session_id=sid, executor=ex)
+                self.sids.append(sid)
+                self.execs[sid] = ex
+                self.idem[sid] = {}
+                self.retired[sid] = None
+                self.before_reset[sid] = set()
+
+        self._run(go())
+
+    # -- accepts
+
+    async def _accept(self, sid: str, spec: Spec) -> None:
+        sr = self.rt.runtime(sid)
+        inp = build_input(spec)
+        n_before = len(sr.input_ids(include_terminal=True))
+        known = self.idem[sid]
+        if self.retired[sid] is not None:
+            exp: tuple[str, Any] = ("rejected", "not_ready")
+        elif spec.durability == "derived" and spec.kind == "system":
+            exp = ("rejected", "invalid_durability")
+        elif spec.idem is not None and spec.idem in known:
+            prev_spec, prev_id = known[spec.idem]
+            exp = (
+                ("deduplicated", prev_id)
+                if prev_spec == spec
+                else (
+                    "rejected",
+                    "idempotency_conflict",
+                )
+            )
+        else:
+            exp = ("accepted", None)
+        kid = KIND_ID[spec.kind]
+        scope: dict[InputId, InputState] = {}
+        if spec.sup is not None:
+            for iid, s in self.specs.items():
+                if self.sid_of[iid] == sid and s.sup == spec.sup and KIND_ID[s.kind] == kid:
+                    scope[iid] = sr.input_state(iid)
+        idle = sr.active_run_id is None and sr.state is RuntimeState.IDLE
+
+        h = await self.rt.accept_with_completion(sid, inp)
+
+        out = h.outcome
+        assert out.outcome_type == exp[0], f"accept {spec}: expected {exp}, got {out!r}"
+        n_after = len(sr.input_ids(include_terminal=True))
+        if out.outcome_type == "rejected":
+            assert out.code.value == exp[1], f"accept {spec}: expected {exp}, got {out!r}"
+            assert n_after == n_before, "a rejected input created state (S14)"
+            self.handles.append(HandleRec(sid, spec, inp.id, h, None))
+            return
+        if out.outcome_type == "deduplicated":
+            assert out.existing_id == exp[1] and out.input_id == inp.id, out
+            assert h.input_id == exp[1]
+            assert n_after == n_before, "a deduplicated input created state (S11)"
+            self.handles.append(HandleRec(sid, spec, inp.id, h, exp[1]))
+            return
+        assert out.input_id == inp.id
+        event_type = inp.event_type if isinstance(inp, ExternalEventInput) else None
+        assert out.policy == POLICY.resolve(kid, idle, event_type), (spec, idle, out.policy)
+        self.specs[inp.id] = spec
+        self.sid_of[inp.id] = sid
+        self.seq[inp.id] = self.next_seq
+        self.next_seq += 1
+        if spec.idem is not None:
+            known[spec.idem] = (spec, inp.id)
+        self.handles.append(HandleRec(sid, spec, inp.id, h, inp.id))
+        now = sr.input_state(inp.id)
+        if spec.kind == "projected":
+            assert now.current_state is IS.CONSUMED, f"ignore input not consumed at accept: {now}"
+            return
+        assert now.current_state is IS.QUEUED, now
+        # S2: supersession in the acceptance transaction, scope (runtime, kind, key)
+        for old_id, old in scope.items():
+            cur = sr.input_state(old_id)
+            should = old.current_state in NON_TERMINAL_PENDING and not (
+                spec.durability == "ephemeral" and self.specs[old_id].durability != "ephemeral"
+            )
+            if should:
+                assert cur.current_state is IS.SUPERSEDED, (
+                    f"S2: {old_id} ({old.current_state}) not superseded by {inp.id}"
+                )
+                assert cur.terminal_outcome.superseded_by == inp.id  # type: ignore[union-attr]
+            else:
+                assert cur.current_state is old.current_state, (
+                    f"S2: {old_id} changed {old.current_state} -> {cur.current_state} "
+                    f"when {inp.id} ({spec}) was accepted"
+                )
+
+    @rule(sidx=st.integers(0, 1), spec=input_specs())
+    @_marks_failure
+    def accept_one(self, sidx: int, spec: Spec) -> None:
+        async def go() -> None:
+            await self._accept(self._sid(sidx), spec)
+            await self._settle()
+
+        self._run(go())
+
+    @rule(sidx=st.integers(0, 1), specs=st.lists(input_specs(), min_size=2, max_size=4))
+    @_marks_failure
+    def accept_burst(self, sidx: int, specs: list[Spec]) -> None:
+        """Several accepts with no loop progress in between (coalescing, supersession)."""
+
+        async def go() -> None:
+            for spec in specs:
+                await self._accept(self._sid(sidx), spec)
+            await self._settle()
+
+        self._run(go())
+
+    # -- the executor's plan
+
+    @rule(
+        sidx=st.integers(0, 1), steps=st.lists(st.sampled_from(BEHAVIOURS), min_size=1, max_size=3)
+    @_marks_failure
+    )
+    def script_runs(self, sidx: int, steps: list[str]) -> None:
+        self.execs[self._sid(sidx)].plan.extend(steps)
+
+    @rule(sidx=st.integers(0, 1))
+    @_marks_failure
+    def release(self, sidx: int) -> None:
+        """Open the gate of a ``hold`` run (its next checkpoint)."""
+        self.execs[self._sid(sidx)].release()
+        self._run(self._settle())
+
+    @rule()
+    @_marks_failure
+    def let_it_run(self) -> None:
+        async def go() -> None:
+            await self._settle()
+            for _ in range(20):
+                await asyncio.sleep(0)
+            await self._settle()
+
+        self._run(go())
+
+    # -- cancels
+
+    @rule(sidx=st.integers(0, 1))
+    @_marks_failure
+    def cancel_run(self, sidx: int) -> None:
+        sid = self._sid(sidx)
+
+        async def go() -> None:
+            sr = self.rt.runtime(sid)
+            ex = self.execs[sid]
+            active = sr.active_run_id
+            paused = sr.paused_for is not None
+            log = ex.runs.get(active) if active is not None else None
+            before = self._states(sid)
+            retired_plain = self.retired[sid] == "plain"
+            res = await self.rt.cancel(sid)
+            assert res == (active is not None or paused), (res, active, paused)
+            await self._settle()
+            if active is None:
+                if not paused:  # S8: a cancel with no active run does nothing
+                    after = self._states(sid)
+                    for iid, b in before.items():
+                        assert after[iid].to_json() == b.to_json(), f"idle cancel changed {iid}"
+                return
+            assert log is not None and log.end == "cancelled", (
+                f"S8: run {active} not cancelled: {log}"
+            )
+            after = self._states(sid)
+            for iid, b in before.items():
+                nxt = after[iid].history[len(b.history) :]
+                if b.current_state is IS.STAGED and iid in log.start_ids and not log.boundary:
+                    want = "retired" if retired_plain else "cancelled"
+                    assert nxt and nxt[0].to is IS.ABANDONED, f"S8: run-start {iid}: {nxt}"
+                    assert after[iid].terminal_outcome.reason.value == want  # type: ignore[union-attr]
+                elif b.current_state is IS.STAGED and iid in log.pending_join:
+                    want_to = IS.ABANDONED if retired_plain else IS.QUEUED
+                    assert nxt and nxt[0].to is want_to, f"S8: checkpoint joiner {iid}: {nxt}"
+                elif b.current_state is IS.APPLIED_PENDING_CONSUMPTION and (
+                    log.is_continuation or b.last_run_id == active
+                ):
+                    assert nxt and nxt[0].to is IS.CONSUMED, f"S8: applied {iid}: {nxt}"
+
+        self._run(go())
+
+    @rule(sidx=st.integers(0, 1), pick=st.integers(0, 1000))
+    @_marks_failure
+    def cancel_input(self, sidx: int, pick: int) -> None:
+        sid = self._sid(sidx)
+
+        async def go() -> None:
+            sr = self.rt.runtime(sid)
+            ids = sr.input_ids(include_terminal=True)
+            if not ids:
+                return
+            iid = ids[pick % len(ids)]
+            before = sr.input_state(iid)
+            try:
+                st_ = await self.rt.cancel_input(sid, iid)
+            except InvalidOperationError:
+                assert before.current_state not in NON_TERMINAL_PENDING, (
+                    f"cancel_input refused a {before.current_state} input"
+                )
+            else:
+                assert before.current_state in NON_TERMINAL_PENDING, (
+                    f"cancel_input accepted a {before.current_state} input"
+                )
+                assert st_.current_state is IS.ABANDONED
+                assert st_.terminal_outcome.reason.value == "cancelled"  # type: ignore[union-attr]
+                assert iid not in sr.queued_ids()
+            await self._settle()
+
+        self._run(go())
+
+    # -- lifecycle (S9)
+
+    @rule(sidx=st.integers(0, 1), replacement=st.booleans())
+    @_marks_failure
+    def retire(self, sidx: int, replacement: bool) -> None:
+        sid = self._sid(sidx)
+
+        async def go() -> None:
+            sr = self.rt.runtime(sid)
+            before = self._states(sid)
+            prev = self.retired[sid]
+            want = "held" if replacement else "plain"
+            res = await self.rt.retire(sid, replacement_planned=replacement)
+            after = self._states(sid)
+            if prev == want:
+                assert res["inputs_abandoned"] == 0
+            if want == "plain" and prev != want:
+                n = 0
+                for iid, b in before.items():
+                    a = after[iid]
+                    if b.current_state in NON_TERMINAL_PENDING:
+                        n += 1
+                        assert a.current_state is IS.ABANDONED, (
+                            f"S9: retire kept {iid} {a.current_state}"
+                        )
+                        assert a.terminal_outcome.reason.value == "retired"  # type: ignore[union-attr]
+                    else:
+                        assert a.to_json() == b.to_json(), f"S9: retire changed {iid}"
+                assert res["inputs_abandoned"] == n
+                assert sr.queued_ids() == []
+            else:
+                for iid, b in before.items():
+                    assert after[iid].to_json() == b.to_json(), f"S9: retire(held) changed {iid}"
+            self.retired[sid] = want
+            if want == "held":
+                self.calls_when_held[sid] = self.execs[sid].calls
+            await self._settle()
+
+        self._run(go())
+
+    async def _respawn(self, sid: str) -> dict[str, int]:
+        sr = self.rt.runtime(sid)
+        gen = sr.generation
+        res: dict[str, int] = await self.rt.respawn(sid)
+        # no await since respawn's commit: what it left is exactly what it did
+        if self.rt._closed:
+            return res
+        assert sr.generation == gen + 1, "S9/S10: respawn did not bump the generation"
+        for iid in sr.input_ids():
+            s = sr.input_state(iid)
+            if (
+                s.durability is not None
+                and s.durability.value == "ephemeral"
+                and (s.current_state in NON_TERMINAL_PENDING)
+            ):
+                self._bad(f"S9: respawn kept ephemeral pending input {iid}")
+        if sr.active_run_id is not None and sr.state is not RuntimeState.RUNNING:
+            self._bad(
+                f"respawn of {sid} left state {sr.state.value} while run {sr.active_run_id} is active"
+            )
+        self.retired[sid] = None
+        return res
+
+    @rule(sidx=st.integers(0, 1))
+    @_marks_failure
+    def respawn(self, sidx: int) -> None:
+        sid = self._sid(sidx)
+
+        async def go() -> None:
+            pending = self.respawns.get(sid)
+            if pending is None or pending.done():
+                if self.retired[sid] != "held":
+                    self.calls_when_held[sid] = self.execs[sid].calls
+                self.retired[sid] = "held"
+                self.respawns[sid] = asyncio.get_running_loop().create_task(self._respawn(sid))
+            await self._settle()
+
+        self._run(go())
+
+    @rule(sidx=st.integers(0, 1))
+    @_marks_failure
+    def reset(self, sidx: int) -> None:
+        sid = self._sid(sidx)
+
+        async def go() -> None:
+            sr = self.rt.runtime(sid)
+            before = self._states(sid)
+            res = await self.rt.reset(sid)
+            after = self._states(sid)
+            n = 0
+            for iid, b in before.items():
+                a = after[iid]
+                if b.is_terminal:
+                    assert a.to_json() == b.to_json()
+                    continue
+                n += 1
+                assert a.current_state is IS.ABANDONED, f"S9: reset kept {iid} {a.current_state}"
+                assert a.terminal_outcome.reason.value == "reset"  # type: ignore[union-attr]
+            assert res["inputs_abandoned"] == n
+            assert sr.queued_ids() == [] and len(sr.conversation) == 0
+            assert sr.state is RuntimeState.IDLE and not sr.held
+            self.retired[sid] = None
+            self.before_reset[sid] = set(after)
+            await self._settle()
+
+        self._run(go())
+
+    # -- invariants
+
+    @invariant()
+    @_marks_failure
+    def no_violations(self) -> None:
+        for sid in self.sids:
+            assert not self.execs[sid].violations, self.execs[sid].violations
+        assert not self.violations, self.violations
+        for task in self.respawns.values():
+            if task.done():
+                task.result()  # re-raise a failed respawn
+
+    @invariant()
+    @_marks_failure
+    def one_run_at_a_time(self) -> None:
+        for sid in self.sids:
+            ex = self.execs[sid]
+            assert ex.max_active <= 1, f"{sid}: {ex.max_active} concurrent runs"
+
+    @invariant()
+    @_marks_failure
+    def ledger_agrees_with_store(self) -> None:
+        for sid in self.sids:
+            sr = self.rt.runtime(sid)
+            stored = self.rt.store.input_states[sid]
+            mem = self._states(sid)
+            assert set(stored) == set(mem), "the store and the ledger hold different inputs"
+            for iid, s in mem.items():
+                assert stored[iid].current_state is s.current_state, (
+                    f"{iid}: ledger {s.current_state}, store {stored[iid].current_state}"
+                )
+                assert stored[iid].to_json() == s.to_json(), f"{iid}: store differs from ledger"
+            rows = self.rt.store.conversations[sid]
+            assert len(rows) == len(sr.conversation.rows)
+            assert [r.digest for r in rows] == [r.digest for r in sr.conversation.rows]
+
+    @invariant()
+    @_marks_failure
+    def terminal_states_never_change(self) -> None:
+        for sid in self.sids:
+            for iid, s in self._states(sid).items():
+                if not s.is_terminal:
+                    assert iid not in self.terminal_json, f"{iid} left its terminal state"
+                    continue
+                j = s.to_json()
+                old = self.terminal_json.setdefault(iid, j)
+                assert old == j, f"terminal input {iid} changed:\n{old}\n{j}"
+
+    @invariant()
+    @_marks_failure
+    def lifecycle_shape(self) -> None:
+        """Queue membership is the queued state; staged inputs belong to the active run;
+        applied* never go back to queued; attempts are bounded; reasons carry their error."""
+        for sid in self.sids:
+            sr = self.rt.runtime(sid)
+            states = self._states(sid)
+            queued = sr.queued_ids()
+            assert len(set(queued)) == len(queued), "an input is queued twice"
+            assert set(queued) == {i for i, s in states.items() if s.current_state is IS.QUEUED}, (
+                "the queue and the queued state disagree"
+            )
+            active = sr.active_run_id
+            for iid, s in states.items():
+                assert s.current_state is not IS.APPLIED, f"{iid} left in transient state applied"
+                if s.current_state is IS.STAGED:
+                    assert active is not None and s.last_run_id == active, (
+                        f"{iid} staged for {s.last_run_id}, active run {active}"
+                    )
+                for h in s.history:
+                    assert not (
+                        h.from_ in (IS.APPLIED, IS.APPLIED_PENDING_CONSUMPTION)
+                        and h.to is IS.QUEUED
+                    ), f"S5: {iid} went back from {h.from_} to queued"
+                assert s.attempt_count <= MAX_ATTEMPTS, f"{iid}: {s.attempt_count} attempts (S4)"
+                out = s.terminal_outcome
+                if s.current_state is IS.ABANDONED:
+                    assert out is not None and out.outcome_type == "abandoned"
+                    if out.reason.value == "retry_budget_exceeded":
+                        assert s.attempt_count == MAX_ATTEMPTS, s
+                        assert out.error is not None and TRANSIENT in out.error, out
+                    if out.reason.value == "failed":
+                        assert out.error is not None and PERMANENT in out.error, out
+
+    @invariant()
+    @_marks_failure
+    def queue_order(self) -> None:
+        """Priority lane first; in each lane, inputs returned to the front after a failed or
+        cancelled run (ever staged) come first, then never-staged inputs in acceptance order."""
+        for sid in self.sids:
+            sr = self.rt.runtime(sid)
+            queued = [sr.input_state(i) for i in sr.queued_ids()]
+            lanes = [is_priority(s) for s in queued]
+            assert lanes == sorted(lanes, reverse=True), "a fifo input is ahead of a priority one"
+            for lane in (True, False):
+                items = [s for s in queued if is_priority(s) is lane]
+                staged_before = [any(h.to is IS.STAGED for h in s.history) for s in items]
+                assert staged_before == sorted(staged_before, reverse=True), (
+                    f"a never-staged input is ahead of a returned one: {[s.input_id for s in items]}"
+                )
+                fresh = [
+                    self._seq(s) for s, was in zip(items, staged_before, strict=True) if not was
+                ]
+                assert fresh == sorted(fresh), f"queue order is not acceptance order: {fresh}"
+
+    def _seq(self, s: InputState) -> float:
+        if s.input_id in self.seq:
+            return self.seq[s.input_id]
+        src = s.reconstruction_source
+        if isinstance(src, CoalescingSource):
+            return min(self._seq_id(i) for i in src.source_input_ids)
+        return float("inf")
+
+    def _seq_id(self, iid: InputId) -> float:
+        return self.seq.get(iid, float("inf"))
+
+    @invariant()
+    @_marks_failure
+    def applied_once(self) -> None:
+        """S5: an input's appends are made once; an input in the conversation is applied."""
+        for sid in self.sids:
+            sr = self.rt.runtime(sid)
+            counts = Counter(i for r in sr.conversation.rows for i in r.input_ids)
+            dup = [i for i, n in counts.items() if n > 1]
+            assert not dup, f"S5: inputs appended twice: {dup}"
+            states = self._states(sid)
+            for iid in counts:
+                assert states[iid].current_state not in (IS.ACCEPTED, IS.QUEUED, IS.STAGED), (
+                    f"{iid} is in the conversation but {states[iid].current_state}"
+                )
+            for iid, s in states.items():
+                if iid in self.before_reset[sid]:
+                    continue
+                if any(h.to is IS.APPLIED for h in s.history):
+                    assert counts[iid] == 1, f"applied {iid} has {counts[iid]} conversation rows"
+
+    @invariant()
+    @_marks_failure
+    def runtime_state_matches_model(self) -> None:
+        for sid in self.sids:
+            sr = self.rt.runtime(sid)
+            model = self.retired[sid]
+            if model is None:
+                assert sr.state in (RuntimeState.IDLE, RuntimeState.RUNNING), sr.state
+                assert not sr.held
+                running = sr.active_run_id is not None
+                assert (sr.state is RuntimeState.RUNNING) == running, (
+                    f"{sid}: state {sr.state.value} with active run {sr.active_run_id}"
+                )
+            else:
+                assert sr.state is RuntimeState.RETIRED, (sid, model, sr.state)
+                assert sr.held == (model == "held"), (sid, model, sr.held)
+            if model == "held":
+                assert self.execs[sid].calls == self.calls_when_held[sid], (
+                    f"S9: {sid} started a run while held for a respawn"
+                )
+
+    @invariant()
+    @_marks_failure
+    def settled_work_is_done(self) -> None:
+        """Liveness after settling: with no loop task, nothing that should run is left (S4,
+        S5, S17), and a retired runtime holds no queue."""
+        for sid in self.sids:
+            sr = self.rt.runtime(sid)
+            if sr._loop_task is not None:
+                continue
+            model = self.retired[sid]
+            states = self._states(sid)
+            for iid, s in states.items():
+                assert s.current_state is not IS.STAGED, f"{iid} staged with no run"
+                if model != "held":
+                    assert s.current_state is not IS.APPLIED_PENDING_CONSUMPTION, (
+                        f"S5: {iid} left applied_pending_consumption with no continuation"
+                    )
+            if model is None:
+                waking = [i for i in sr.queued_ids() if wakes_as_if_idle(states[i])]
+                assert not waking, f"S17: {sid} is idle with waking inputs queued: {waking}"
+            if model == "plain":
+                assert sr.queued_ids() == [], "S9: a retired runtime still holds a queue"
+
+    @invariant()
+    @_marks_failure
+    def handles_resolve_as_s12_says(self) -> None:
+        for sid in self.sids:
+            sr = self.rt.runtime(sid)
+            states = self._states(sid)
+            not_done = 0
+            for h in self.handles:
+                if h.sid != sid:
+                    continue
+                if h.target is None:
+                    assert h.handle._future is None
+                    continue
+                fut = h.handle._future
+                final = self._resolvable(states, h.target)
+                if not final:
+                    assert not fut.done(), (
+                        f"S12: waiter of non-terminal {h.target} resolved: {fut.result()!r}"
+                    )
+                    not_done += 1
+                    continue
+                assert fut.done(), f"S12: waiter of terminal {h.target} not resolved"
+                res = fut.result()
+                j = res.to_json()
+                if h.seen is None:
+                    self._check_outcome(sid, states, h.target, res)
+                    h.seen = j
+                assert h.seen == j, "a waiter's outcome changed"
+            assert sr.completions.pending_count() == not_done, (
+                f"{sid}: registry holds {sr.completions.pending_count()} waiters, "
+                f"{not_done} handles pending"
+            )
+            for iid in sr.completions._waiters:
+                assert not states[iid].is_terminal, f"registry keeps waiters of terminal {iid}"
+
+    def _resolvable(self, states: dict[InputId, InputState], iid: InputId) -> bool:
+        s = states[iid]
+        if not s.is_terminal:
+            return False
+        out = s.terminal_outcome
+        if out is not None and out.outcome_type == "coalesced":
+            return self._resolvable(states, out.aggregate_id)
+        return True
+
+    def _check_outcome(
+        self, sid: str, states: dict[InputId, InputState], iid: InputId, res: Any
+    ) -> None:
+        """S12: the waiter outcome is a function of the terminal state and the last run."""
+        s = states[iid]
+        out = s.terminal_outcome
+        assert out is not None
+        got = res.outcome_type
+        ctx = f"{iid} {s.current_state.value} ({out.to_json()}) -> {res.to_json()}"
+        assert res.input_id == iid, ctx
+        if out.outcome_type == "coalesced":
+            assert res.via_aggregate_id == out.aggregate_id, ctx
+            inner = res.model_copy(update={"via_aggregate_id": None, "input_id": out.aggregate_id})
+            self._check_outcome(sid, states, out.aggregate_id, inner)
+            return
+        assert res.via_aggregate_id is None, ctx
+        if out.outcome_type == "consumed":
+            log = self.execs[sid].runs.get(s.last_run_id) if s.last_run_id else None
+            if log is None or log.end == "none":
+                assert got == "completed_without_result", ctx
+            elif log.end == "cancelled":
+                assert got == "cancelled", ctx
+            elif log.end == "completed":
+                assert got == "completed" and res.result.text == log.text, ctx
+            else:
+                assert got in ("completed_without_result", "cancelled"), f"{ctx} ({log.end})"
+        elif out.outcome_type == "superseded":
+            assert got == "superseded" and res.superseded_by == out.superseded_by, ctx
+            by = out.superseded_by
+            assert by in self.specs and iid in self.specs, ctx
+            assert KIND_ID[self.specs[by].kind] == KIND_ID[self.specs[iid].kind], ctx
+            assert self.specs[by].sup == self.specs[iid].sup is not None, ctx
+            assert self.seq[by] > self.seq[iid], ctx
+        else:
+            assert out.outcome_type == "abandoned", ctx
+            if out.reason.value == "cancelled":
+                assert got == "cancelled" or (got == "abandoned" and res.reason == out.reason), ctx
+            else:
+                assert got == "abandoned" and res.reason == out.reason, ctx
+                assert res.error == out.error, ctx
+
+    # -- teardown (S19)
+
+    def teardown(self) -> None:
+        try:
+            if self.sids and not self.failed:
+                self._run(self._close_and_check())
+            elif self.sids:
+                self._run(self.rt.close(grace=0))
+        finally:
+            pending = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
+            for t in pending:
+                t.cancel()
+            if pending:
+                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.close()
+
+    async def _close_and_check(self) -> None:
+        final = {}
+        for sid in self.sids:
+            states = self._states(sid)
+            for h in self.handles:
+                if h.sid == sid and h.target is not None:
+                    final[id(h)] = self._resolvable(states, h.target)
+        await self.rt.close(grace=0)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        for task in self.respawns.values():
+            if not task.done():
+                await asyncio.wait_for(asyncio.shield(task), 1.0)
+        for h in self.handles:
+            if h.target is None:
+                continue
+            fut = h.handle._future
+            assert fut.done(), f"S12/S19: waiter of {h.target} still pending after close"
+            res = fut.result()
+            if final[id(h)]:
+                assert res.outcome_type != "terminated", res
+            else:
+                assert res.outcome_type == "terminated", f"S19: {h.target} -> {res!r}"
+                assert res.input_id == h.target, f"terminated outcome names {res.input_id}"
+        for sid in self.sids:
+            sr = self.rt.runtime(sid)
+            assert sr.state is RuntimeState.STOPPED, f"{sid} is {sr.state.value} after close"
+            assert self.execs[sid].max_active <= 1
+
+
+# --- the tests ----------------------------------------------------------------------------
+
+
+def test_runtime_state_machine() -> None:
+    run_state_machine_as_test(
+        RuntimeMachine,
+        settings=settings(
+            max_examples=60,
+            stateful_step_count=30,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        ),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("MEERKAT_SLOW_TESTS") != "1", reason="set MEERKAT_SLOW_TESTS=1 to run"
+)
+def test_runtime_state_machine_slow() -> None:
+    run_state_machine_as_test(
+        RuntimeMachine,
+        settings=settings(
+            max_examples=1000,
+            stateful_step_count=60,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        ),
+    )
