@@ -37,9 +37,12 @@ from pathlib import Path
 from typing import Any
 
 try:
-    import meerkat_runtime  # noqa: F401
-except ImportError:  # not installed: use the checkout's src/
+    import meerkat_runtime
+except ModuleNotFoundError as exc:  # not installed: use the checkout's src/
+    if exc.name != "meerkat_runtime":
+        raise
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+    import meerkat_runtime
 
 from meerkat_runtime import (
     Message,
@@ -93,7 +96,7 @@ def split(items: list[Any], parts: int) -> list[list[Any]]:
 
 async def accept_throughput(n: int, sessions: int) -> Rate:
     """Inputs accepted per second over ``sessions`` sessions, one producer per session."""
-    rt = Runtime.open(policy=no_wake_policy(), config=config())
+    rt = Runtime.open("memory://", policy=no_wake_policy(), config=config())
     try:
         ids = [(await rt.create_session(executor=NoopExecutor())).id for _ in range(sessions)]
         batches = split(prompts(n), sessions)
@@ -117,7 +120,7 @@ async def accept_throughput(n: int, sessions: int) -> Rate:
 
 async def run_throughput(n: int, sessions: int) -> Rate:
     """No-op runs completed per second: accept N prompts (a backlog), await all outcomes."""
-    rt = Runtime.open(config=config())
+    rt = Runtime.open("memory://", config=config())
     try:
         ids = [(await rt.create_session(executor=NoopExecutor())).id for _ in range(sessions)]
         batches = split(prompts(n), sessions)
@@ -139,7 +142,7 @@ async def run_throughput(n: int, sessions: int) -> Rate:
 
 async def run_closed_loop(n: int) -> Rate:
     """One producer, one session: accept a prompt, wait for its outcome, repeat."""
-    rt = Runtime.open(config=config())
+    rt = Runtime.open("memory://", config=config())
     try:
         sid = (await rt.create_session(executor=NoopExecutor())).id
         batch = prompts(n)
@@ -158,7 +161,7 @@ async def run_closed_loop(n: int) -> Rate:
 
 async def accept_latency(n: int) -> dict[str, float]:
     """Per-call latency (microseconds) of ``accept`` from one producer, no runs."""
-    rt = Runtime.open(policy=no_wake_policy(), config=config())
+    rt = Runtime.open("memory://", policy=no_wake_policy(), config=config())
     try:
         sid = (await rt.create_session(executor=NoopExecutor())).id
         batch = prompts(n)
@@ -291,7 +294,22 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "loadavg_at_start": _loadavg(),
+        "code": _code_fingerprint(),
     }
+
+
+def _code_fingerprint() -> str:
+    """SHA-256 (12 hex) of the package's .py files and the newest mtime: which code ran."""
+    import hashlib
+
+    root = Path(meerkat_runtime.__file__).resolve().parent
+    h = hashlib.sha256()
+    newest = 0.0
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+        newest = max(newest, f.stat().st_mtime)
+    when = dt.datetime.fromtimestamp(newest, dt.UTC).isoformat(timespec="seconds")
+    return f"meerkat_runtime sha256:{h.hexdigest()[:12]}, newest file {when}"
 
 
 def _loadavg() -> list[float] | None:
@@ -300,6 +318,43 @@ def _loadavg() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def profile_accept(n: int) -> int:
+    """cProfile ``n`` accepts on one session (no runs). The cyclic GC is off while profiling:
+    with it on, collection time lands on whichever allocation triggered it (it shows up as
+    ``{built-in method __new__}``); ``--no-gc`` on the benchmark shows the GC's share."""
+    import cProfile
+    import pstats
+
+    async def loop(rt: Runtime, sid: str, batch: list[PromptInput]) -> None:
+        for inp in batch:
+            await rt.accept(sid, inp)
+
+    async def go() -> None:
+        rt = Runtime.open("memory://", policy=no_wake_policy(), config=config())
+        try:
+            sid = (await rt.create_session(executor=NoopExecutor())).id
+            await loop(rt, sid, prompts(200))  # warm-up
+            batch = prompts(n)
+            gc.collect()
+            gc.disable()
+            prof = cProfile.Profile()
+            try:
+                prof.enable()
+                await loop(rt, sid, batch)
+                prof.disable()
+            finally:
+                gc.enable()
+            stats = pstats.Stats(prof).strip_dirs()
+            print(f"cProfile of {n} accepts (1 session, prompts do not wake runs, GC off)\n")
+            stats.sort_stats("cumulative").print_stats(30)
+            stats.sort_stats("tottime").print_stats(15)
+        finally:
+            await rt.close(grace=0)
+
+    asyncio.run(go())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,8 +371,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time 1-session runs/s for backlogs of 250..4000 prompts (1 rep each, ~40 s)",
     )
+    ap.add_argument(
+        "--profile",
+        type=int,
+        nargs="?",
+        const=20_000,
+        metavar="N",
+        help="instead of benchmarking, cProfile N accepts (default 20000; GC off) and print "
+        "the top functions",
+    )
     ap.add_argument("--write", metavar="PATH", help="also write the results as JSON to PATH")
     args = ap.parse_args(argv)
+    if args.profile:
+        return profile_accept(args.profile)
 
     sz = QUICK if args.quick else FULL
     reps = args.reps or sz.reps
@@ -328,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         f"RAM {info['ram_gib']} GiB"
     )
     print(f"Load    {info['loadavg_at_start']} (1/5/15 min) at start")
+    print(f"Code    {info['code']}")
     print(
         f"Mode    {'quick' if args.quick else 'full'}, {reps} reps, median reported"
         f"{', GC disabled in timed runs' if args.no_gc else ''}"

@@ -23,7 +23,7 @@ class Shouter:
 
 
 async def main() -> None:
-    async with Runtime.open() as rt:
+    async with Runtime.open("memory://") as rt:
         session = await rt.create_session(executor=Shouter())
         handle = await rt.accept_with_completion(session.id, PromptInput.new("hello there"))
         outcome = await handle.wait()

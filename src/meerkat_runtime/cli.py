@@ -71,7 +71,11 @@ def run(
         typer.Option(help="JSON file with an offline-model script (a list of steps)."),
     ] = None,
     store: Annotated[
-        str | None, typer.Option(help="Store URL; default: in memory for this process.")
+        str | None,
+        typer.Option(
+            help="Store URL (sqlite:///path.db or memory://); default: SQLite under "
+            "$MEERKAT_STATE_DIR or ~/.local/share/meerkat."
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the reply.")] = 300.0,
@@ -102,17 +106,10 @@ async def _run(
     async with Runtime.open(store) as rt:
         if session_id is not None:
             try:
-                rt.session(session_id)
-            except MeerkatRuntimeError:
-                if store is None or store.startswith("memory:"):
-                    _err.print(
-                        f"[bold red]error:[/] session {session_id!r} not found: the in-memory "
-                        "store keeps nothing between commands; --session needs a persistent "
-                        "store (SQLite, coming with the durability release)",
-                        highlight=False,
-                    )
-                    return EXIT_NOT_FOUND
-                raise
+                await rt.get_session(session_id)
+            except MeerkatRuntimeError as exc:
+                _err.print(f"[bold red]error:[/] {exc}", highlight=False)
+                return EXIT_NOT_FOUND
         else:
             info = await rt.create_session(
                 model=model, system_prompt=system, offline_script=offline_script

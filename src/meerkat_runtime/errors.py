@@ -26,9 +26,7 @@ class SessionNotFoundError(MeerkatRuntimeError, LookupError):
     code = "session_not_found"
 
     def __init__(self, session_id: str) -> None:
-        super().__init__(
-            f"no session {session_id!r} in this store; list sessions with `meerkat sessions list`"
-        )
+        super().__init__(f"no session {session_id!r} in this store")
         self.session_id = session_id
 
 

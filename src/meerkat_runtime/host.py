@@ -1,46 +1,72 @@
-"""``Runtime``: the public entry point. It owns many session runtimes, creates sessions, routes
-inputs, and exposes state, inputs, events and waiters.
+"""``Runtime``: the public entry point. It owns many session runtimes over one store, creates
+sessions, routes inputs, and exposes state, inputs, events and waiters.
 
 Usage::
 
-    async with Runtime.open() as rt:
+    async with Runtime.open() as rt:                   # SQLite under the state directory
         session = await rt.create_session(model="offline")
         handle = await rt.accept_with_completion(session.id, PromptInput.new("hello"))
         outcome = await handle.wait()
 
+Ownership (S10): a process runs a session only while it holds the session's lease. Another
+process that shares the store may still ``accept`` (through the durable inbox, which the owner
+ingests in order) and ``wait`` (by polling the store); when the owner's lease expires, the next
+process that touches the session takes it over and recovers it (S7).
+
 Shutdown (S19): leaving the ``async with`` (or ``close()``) stops accepting, gives active runs
-a grace period, then stops them and resolves every in-process waiter ``terminated``.
+a grace period, then stops them, flushes commits, releases leases and resolves every
+in-process waiter ``terminated``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
 from typing import Any
 
-from ._ids import InputId, SessionId
+from ._ids import IdempotencyKey, InputId
 from ._time import utcnow
 from .core.lifecycle import CoreExecutor
 from .errors import (
+    InputNotFoundError,
     InputRejectedError,
     InvalidOperationError,
     RuntimeClosedError,
     SessionNotFoundError,
 )
-from .runtime.driver import Rebuilders, RuntimeConfig, SessionRuntime
+from .runtime.driver import Rebuilders, RuntimeConfig, SessionRuntime, validate_input
 from .runtime.events import RuntimeEventEnvelope
 from .runtime.input_state import InputState, ReconstructionSource
-from .runtime.inputs import Input
-from .runtime.outcomes import AcceptOutcome, Deduplicated, RejectCode, Rejected, WaitOutcome
-from .runtime.policy import PolicyTable, default_policy_table
+from .runtime.inputs import ExternalEventInput, Input, content_hash, kind_id
+from .runtime.outcomes import (
+    AcceptOutcome,
+    Accepted,
+    Deduplicated,
+    RejectCode,
+    Rejected,
+    TerminatedWait,
+    WaitOutcome,
+    outcome_of,
+    with_via,
+)
+from .runtime.policy import PolicySnapshot, PolicyTable, default_policy_table
 from .runtime.state import RuntimeState
-from .store.base import RuntimeStore
-from .store.memory import MemoryStore
+from .store import open_store
+from .store.base import IdempotencyRecord, InboxEntry, RuntimeStore, SessionRecord
 
-__all__ = ["CompletionHandle", "Runtime", "SessionInfo", "open_store"]
+__all__ = ["CompletionHandle", "ExecutorFactory", "Runtime", "SessionInfo"]
+
+log = logging.getLogger("meerkat_runtime")
+
+ExecutorFactory = Callable[[SessionRecord], CoreExecutor | None]
 
 
 @dataclass(slots=True)
@@ -53,6 +79,7 @@ class SessionInfo:
     labels: dict[str, str] = field(default_factory=dict)
     created_at: datetime = field(default_factory=utcnow)
     custom_executor: bool = False
+    offline_script: list[dict[str, Any]] | None = None
 
     def to_json_dict(self) -> dict[str, Any]:
         return {
@@ -63,14 +90,33 @@ class SessionInfo:
             "created_at": self.created_at.isoformat().replace("+00:00", "Z"),
         }
 
+    @classmethod
+    def from_record(cls, rec: SessionRecord) -> SessionInfo:
+        cfg = rec.config
+        return cls(
+            id=rec.session_id,
+            model=str(cfg.get("model", "offline")),
+            system_prompt=cfg.get("system_prompt"),
+            labels=dict(rec.labels),
+            created_at=rec.created_at,
+            custom_executor=bool(cfg.get("custom_executor", False)),
+            offline_script=cfg.get("offline_script"),
+        )
+
 
 class CompletionHandle:
     """What ``accept_with_completion`` returns: the accept outcome and a way to wait for the
     input's waiter outcome (S12). For ``deduplicated`` it follows the existing input."""
 
-    def __init__(self, outcome: AcceptOutcome, future: asyncio.Future[Any] | None) -> None:
+    def __init__(
+        self,
+        outcome: AcceptOutcome,
+        future: asyncio.Future[Any] | None,
+        waiter: Callable[[float | None], Any] | None = None,
+    ) -> None:
         self.outcome = outcome
         self._future = future
+        self._waiter = waiter
 
     @property
     def input_id(self) -> InputId:
@@ -83,22 +129,14 @@ class CompletionHandle:
     async def wait(self, timeout: float | None = None) -> WaitOutcome:
         """The waiter outcome; raises ``InputRejectedError`` for a rejected input and
         ``TimeoutError`` after ``timeout`` seconds (the input lives on)."""
-        if isinstance(self.outcome, Rejected) or self._future is None:
-            assert isinstance(self.outcome, Rejected)
+        if isinstance(self.outcome, Rejected):
             raise InputRejectedError(self.outcome.reason, self.outcome.code.value)
-        result: WaitOutcome = await asyncio.wait_for(asyncio.shield(self._future), timeout)
-        return result
-
-
-def open_store(url: str | None) -> RuntimeStore:
-    """The store for ``url``. ``None`` and ``memory://`` give the in-memory store."""
-    if url is None or url.startswith("memory:"):
-        return MemoryStore(url or "memory://")
-    scheme = url.split(":", 1)[0]
-    raise InvalidOperationError(
-        f"store URL {url!r} is not supported by this build (scheme {scheme!r}); "
-        "supported: memory:// (SQLite and PostgreSQL come with their own releases)"
-    )
+        if self._future is not None:
+            result: WaitOutcome = await asyncio.wait_for(asyncio.shield(self._future), timeout)
+            return result
+        assert self._waiter is not None
+        remote: WaitOutcome = await self._waiter(timeout)
+        return remote
 
 
 class Runtime:
@@ -111,14 +149,31 @@ class Runtime:
         policy: PolicyTable | None = None,
         config: RuntimeConfig | None = None,
         rebuilders: Rebuilders | None = None,
+        executor_factory: ExecutorFactory | None = None,
+        lease_ttl: float = 10.0,
+        poll_interval: float = 0.1,
+        owner_id: str | None = None,
+        recover_on_open: bool = True,
     ) -> None:
         self.store = store
         self.policy = policy or default_policy_table()
         self.config = config or RuntimeConfig()
         self.rebuilders = rebuilders or Rebuilders()
+        self.executor_factory = executor_factory
+        self.lease_ttl = lease_ttl
+        self.poll_interval = poll_interval
+        self.owner_id = owner_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.recover_on_open = recover_on_open
+        self.recovery_reports: dict[str, dict[str, int]] = {}
         self._sessions: dict[str, SessionInfo] = {}
         self._runtimes: dict[str, SessionRuntime] = {}
+        self._executors: dict[str, CoreExecutor] = {}
+        self._load_locks: dict[str, asyncio.Lock] = {}
+        self._started = False
+        self._start_lock: asyncio.Lock | None = None
         self._closed = False
+        self._maintainer: asyncio.Task[None] | None = None
+        self._token: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -130,11 +185,28 @@ class Runtime:
         policy: PolicyTable | None = None,
         config: RuntimeConfig | None = None,
         rebuilders: Rebuilders | None = None,
+        executor_factory: ExecutorFactory | None = None,
+        lease_ttl: float = 10.0,
+        poll_interval: float = 0.1,
+        recover_on_open: bool = True,
     ) -> Runtime:
-        """A runtime over the store at ``url`` (default: in memory)."""
-        return cls(open_store(url), policy=policy, config=config, rebuilders=rebuilders)
+        """A runtime over the store at ``url``: ``None`` for the default SQLite file under
+        ``$MEERKAT_STATE_DIR`` (or ``~/.local/share/meerkat``), ``sqlite:///path.db``, or
+        ``memory://``. The store is opened (and pending sessions recovered, S7) on entering
+        ``async with`` or on first use."""
+        return cls(
+            open_store(url),
+            policy=policy,
+            config=config,
+            rebuilders=rebuilders,
+            executor_factory=executor_factory,
+            lease_ttl=lease_ttl,
+            poll_interval=poll_interval,
+            recover_on_open=recover_on_open,
+        )
 
     async def __aenter__(self) -> Runtime:
+        await self.start()
         return self
 
     async def __aexit__(
@@ -145,14 +217,50 @@ class Runtime:
     ) -> None:
         await self.close()
 
+    async def start(self) -> None:
+        """Open the store and recover every session with pending inputs before its loop
+        starts (S7). Idempotent."""
+        if self._started:
+            return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._started:
+                return
+            self._check_open()
+            await self.store.open()
+            self._started = True
+            if self.recover_on_open:
+                for sid in await self.store.runtimes_with_pending_inputs():
+                    try:
+                        await self._owned(sid)
+                    except Exception as exc:  # one broken session must not block the rest
+                        log.error("recovery of session %s failed: %s", sid, exc)
+            self._maintainer = asyncio.get_running_loop().create_task(
+                self._maintain(), name="meerkat-runtime-maintainer"
+            )
+
     async def close(self, grace: float | None = None) -> None:
         """S19: stop accepting, give active runs ``grace`` seconds (default from config),
-        then stop them; in-process waiters resolve ``terminated``."""
+        then stop them, flush commits, release leases; in-process waiters resolve
+        ``terminated``."""
         if self._closed:
             return
         self._closed = True
+        if self._maintainer is not None:
+            self._maintainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintainer
         await asyncio.gather(*(rt.close(grace) for rt in self._runtimes.values()))
+        if self._started:
+            for sid, rt in self._runtimes.items():
+                with contextlib.suppress(Exception):
+                    await self.store.release_lease(sid, self.owner_id, rt.generation)
         await self.store.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeClosedError("this Runtime is closed; open a new one")
 
     # ------------------------------------------------------------------ sessions
 
@@ -166,41 +274,77 @@ class Runtime:
         offline_script: list[dict[str, Any]] | None = None,
         session_id: str | None = None,
     ) -> SessionInfo:
-        """Create a session and its runtime. Without ``executor`` the built-in agent runs it."""
+        """Create a session and its runtime. Without ``executor`` the built-in agent runs it;
+        with one, a later process needs ``executor_factory`` to run the session again."""
         self._check_open()
-        sid = session_id or str(SessionId(InputId.new().value))
-        if sid in self._sessions:
+        await self.start()
+        sid = session_id or str(InputId.new())
+        if sid in self._sessions or await self.store.load_session(sid) is not None:
             raise InvalidOperationError(f"session {sid!r} already exists")
-        info = SessionInfo(
-            id=sid,
-            model=model,
-            system_prompt=system_prompt,
-            labels=dict(labels or {}),
-            custom_executor=executor is not None,
-        )
+        now = utcnow()
+        config: dict[str, Any] = {"model": model, "custom_executor": executor is not None}
+        if system_prompt is not None:
+            config["system_prompt"] = system_prompt
+        if offline_script is not None:
+            config["offline_script"] = offline_script
+        record = SessionRecord(sid, now, now, config, dict(labels or {}))
         if executor is None:
-            from .core.agent import AgentConfig, AgentExecutor
-
-            try:
-                config = AgentConfig(
-                    model=model, system_prompt=system_prompt, offline_script=offline_script
-                )
-            except ValueError as exc:
-                raise InvalidOperationError(f"cannot create the session: {exc}") from None
-            executor = AgentExecutor(config, session_id=sid)
-        rt = SessionRuntime(
-            sid,
-            self.store,
-            executor,
-            policy=self.policy,
-            config=self.config,
-            rebuilders=self.rebuilders,
-        )
+            executor = self._build_agent(record)
+        await self.store.save_session(record)
+        self._executors[sid] = executor
+        info = SessionInfo.from_record(record)
         self._sessions[sid] = info
-        self._runtimes[sid] = rt
+        await self._owned(sid)
         return info
 
+    def _build_agent(self, record: SessionRecord) -> CoreExecutor:
+        from .core.agent import AgentConfig, AgentExecutor
+
+        cfg = record.config
+        try:
+            agent_config = AgentConfig(
+                model=str(cfg.get("model", "offline")),
+                system_prompt=cfg.get("system_prompt"),
+                offline_script=cfg.get("offline_script"),
+            )
+        except ValueError as exc:
+            raise InvalidOperationError(f"cannot create the session: {exc}") from None
+        return AgentExecutor(agent_config, session_id=record.session_id)
+
+    def _executor_for(self, record: SessionRecord) -> CoreExecutor:
+        sid = record.session_id
+        if sid in self._executors:
+            return self._executors[sid]
+        if self.executor_factory is not None:
+            made = self.executor_factory(record)
+            if made is not None:
+                return made
+        if record.config.get("custom_executor"):
+            raise InvalidOperationError(
+                f"session {sid} runs an application executor; pass executor_factory to "
+                "Runtime.open so this process can run it"
+            )
+        return self._build_agent(record)
+
+    async def get_session(self, session_id: str) -> SessionInfo:
+        await self.start()
+        info = self._sessions.get(session_id)
+        if info is not None:
+            return info
+        rec = await self.store.load_session(session_id)
+        if rec is None:
+            raise SessionNotFoundError(session_id)
+        info = SessionInfo.from_record(rec)
+        self._sessions[session_id] = info
+        return info
+
+    async def list_sessions(self, *, include_archived: bool = False) -> list[SessionInfo]:
+        await self.start()
+        recs = await self.store.list_sessions(include_archived=include_archived)
+        return [SessionInfo.from_record(r) for r in recs]
+
     def sessions(self) -> list[SessionInfo]:
+        """Sessions this process has touched (see ``list_sessions`` for the store's)."""
         return list(self._sessions.values())
 
     def session(self, session_id: str) -> SessionInfo:
@@ -210,15 +354,82 @@ class Runtime:
         return info
 
     def runtime(self, session_id: str) -> SessionRuntime:
-        """The session's runtime (the per-session control plane)."""
+        """The session's runtime if this process owns it (loaded); see ``_owned``."""
         rt = self._runtimes.get(session_id)
         if rt is None:
             raise SessionNotFoundError(session_id)
         return rt
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeClosedError("this Runtime is closed; open a new one")
+    async def _owned(self, session_id: str) -> SessionRuntime | None:
+        """This process's runtime for the session, taking the lease and recovering it from
+        the store on first use (S7, S10); None while another live process owns it."""
+        rt = self._runtimes.get(session_id)
+        if rt is not None and rt.failure is None and rt.state is not RuntimeState.STOPPED:
+            return rt
+        lock = self._load_locks.setdefault(session_id, asyncio.Lock())
+        async with lock:
+            rt = self._runtimes.get(session_id)
+            if rt is not None and rt.failure is None and rt.state is not RuntimeState.STOPPED:
+                return rt
+            self._check_open()
+            await self.start()
+            record = await self.store.load_session(session_id)
+            if record is None:
+                raise SessionNotFoundError(session_id)
+            self._sessions.setdefault(session_id, SessionInfo.from_record(record))
+            executor = self._executor_for(record)
+            generation = await self.store.acquire_lease(session_id, self.owner_id, self.lease_ttl)
+            if generation is None:
+                return None
+            rt = SessionRuntime(
+                session_id,
+                self.store,
+                executor,
+                policy=self.policy,
+                config=self.config,
+                rebuilders=self.rebuilders,
+            )
+            rt.generation = generation
+            loaded = await self.store.load_runtime(session_id)
+            loaded.generation = generation
+            self._runtimes[session_id] = rt
+            self.recovery_reports[session_id] = await rt.recover(loaded)
+            await self._ingest(rt)
+            return rt
+
+    async def _ingest(self, rt: SessionRuntime) -> None:
+        for entry in await self.store.inbox_entries(rt.runtime_id):
+            await rt.ingest(entry)
+
+    async def _maintain(self) -> None:
+        """Renew leases, ingest inbox entries other processes wrote, drop instances that
+        stopped on a store failure (their next use recovers from the store)."""
+        last_renew = time.monotonic()
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                for sid, rt in list(self._runtimes.items()):
+                    if rt.failure is not None or rt.state is RuntimeState.STOPPED:
+                        self._runtimes.pop(sid, None)
+                now = time.monotonic()
+                if now - last_renew >= self.lease_ttl / 3:
+                    last_renew = now
+                    for sid, rt in list(self._runtimes.items()):
+                        ok = await self.store.renew_lease(
+                            sid, self.owner_id, rt.generation, self.lease_ttl
+                        )
+                        if not ok:
+                            rt.stop("lease lost: another process owns this session now")
+                            self._runtimes.pop(sid, None)
+                token = await self.store.change_token()
+                if token != self._token:
+                    self._token = token
+                    for rt in list(self._runtimes.values()):
+                        await self._ingest(rt)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("runtime maintenance failed: %s", exc)
 
     # ------------------------------------------------------------------ inputs
 
@@ -231,11 +442,8 @@ class Runtime:
     ) -> AcceptOutcome:
         """Admit an input (an ``Input``, or its JSON as text, bytes or dict). Input problems
         come back as ``rejected{reason, code}``; nothing raises for them (S14)."""
-        rt = self._accepting(session_id)
-        if rt is None:
-            return Rejected(reason="this Runtime is shutting down", code=RejectCode.NOT_READY)
-        outcome, _ = await rt.accept(input, reconstruction_source=reconstruction_source)
-        return outcome
+        handle = await self._accept(session_id, input, reconstruction_source, waiter=False)
+        return handle.outcome
 
     async def accept_with_completion(
         self,
@@ -244,30 +452,141 @@ class Runtime:
         *,
         reconstruction_source: ReconstructionSource | None = None,
     ) -> CompletionHandle:
-        rt = self._accepting(session_id)
-        if rt is None:
-            return CompletionHandle(
-                Rejected(reason="this Runtime is shutting down", code=RejectCode.NOT_READY),
-                None,
-            )
-        outcome, fut = await rt.accept(
-            input, reconstruction_source=reconstruction_source, register_waiter=True
-        )
-        return CompletionHandle(outcome, fut)
+        return await self._accept(session_id, input, reconstruction_source, waiter=True)
 
-    def _accepting(self, session_id: str) -> SessionRuntime | None:
-        rt = self.runtime(session_id)
-        return None if self._closed else rt
+    async def _accept(
+        self,
+        session_id: str,
+        raw: Input | str | bytes | dict[str, Any],
+        source: ReconstructionSource | None,
+        *,
+        waiter: bool,
+    ) -> CompletionHandle:
+        if self._closed:
+            return CompletionHandle(
+                Rejected(reason="this Runtime is shutting down", code=RejectCode.NOT_READY), None
+            )
+        rt = await self._owned(session_id)
+        if rt is not None:
+            outcome, fut = await rt.accept(raw, reconstruction_source=source, register_waiter=waiter)
+            return CompletionHandle(outcome, fut)
+        outcome = await self._accept_remote(session_id, raw, source)
+        if isinstance(outcome, Rejected):
+            return CompletionHandle(outcome, None)
+        target = outcome.existing_id if isinstance(outcome, Deduplicated) else outcome.input_id
+        return CompletionHandle(
+            outcome, None, lambda timeout: self.wait(session_id, target, timeout)
+        )
+
+    async def _accept_remote(
+        self, session_id: str, raw: Any, source: ReconstructionSource | None
+    ) -> AcceptOutcome:
+        """Accept through the durable inbox of a session another process owns (S10)."""
+        checked = validate_input(raw, self.config.max_input_bytes, source)
+        if isinstance(checked, Rejected):
+            return checked
+        input, source = checked
+        key = input.header.idempotency_key
+        now = utcnow()
+        idem = (
+            IdempotencyRecord(key.value, input.id, content_hash(input), now)
+            if isinstance(key, IdempotencyKey)
+            else None
+        )
+        entry = InboxEntry(
+            session_id,
+            input.to_json(),
+            None if source is None else source.model_dump_json(),
+            created_at=now,
+        )
+        verdict, existing = await self.store.inbox_push(
+            entry, idem, self.config.max_pending_inputs
+        )
+        if verdict == "deduplicated" and existing is not None:
+            return Deduplicated(input_id=input.id, existing_id=existing)
+        if verdict == "conflict":
+            return Rejected(
+                reason=f"idempotency key {key} was already used by input {existing} with "
+                "different content; use a new key for a different request",
+                code=RejectCode.IDEMPOTENCY_CONFLICT,
+            )
+        if verdict == "queue_full":
+            return Rejected(
+                reason=f"session {session_id} already holds {self.config.max_pending_inputs} "
+                "pending inputs; wait for some to finish",
+                code=RejectCode.QUEUE_FULL,
+            )
+        kind = kind_id(input)
+        et = input.event_type if isinstance(input, ExternalEventInput) else None
+        policy = self.policy.resolve(kind, True, et)
+        state = InputState.new_accepted(input.id, now)
+        state.durability = input.header.durability
+        state.idempotency_key = key
+        state.policy = PolicySnapshot(version=policy.policy_version, decision=policy)
+        state.persisted_input = input
+        return Accepted(input_id=input.id, policy=policy, state=state)
 
     async def wait(
         self, session_id: str, input_id: InputId | str, timeout: float | None = None
     ) -> WaitOutcome:
-        """Wait for an input's outcome; a terminal input answers at once (S12)."""
-        rt = self.runtime(session_id)
+        """Wait for an input's outcome, also one accepted by another process or before a
+        restart; a terminal input answers at once from the store (S12)."""
         iid = input_id if isinstance(input_id, InputId) else InputId(input_id)
-        fut = rt.register_waiter(iid)
-        result: WaitOutcome = await asyncio.wait_for(asyncio.shield(fut), timeout)
-        return result
+        return await asyncio.wait_for(self._wait(session_id, iid), timeout)
+
+    async def _wait(self, session_id: str, iid: InputId) -> WaitOutcome:
+        while True:
+            rt = await self._owned(session_id)
+            if rt is not None:
+                if iid not in rt._entries:
+                    await self._ingest(rt)
+                if iid in rt._entries:
+                    fut = rt.register_waiter(iid)
+                    outcome: WaitOutcome = await asyncio.shield(fut)
+                    if isinstance(outcome, TerminatedWait) and not self._closed:
+                        continue  # the instance stopped (e.g. a store fault): follow the input
+                    return outcome
+            stored = await self._outcome_from_store(session_id, iid)
+            if stored is not None:
+                return stored
+            if rt is not None and iid not in rt._entries and not await self._in_inbox(
+                session_id, iid
+            ):
+                raise InputNotFoundError(str(iid), f"session {session_id}")
+            await asyncio.sleep(self.poll_interval)
+
+    async def _in_inbox(self, session_id: str, iid: InputId) -> bool:
+        for e in await self.store.inbox_entries(session_id, limit=10_000):
+            if f'"id":"{iid}"' in e.input_json:
+                return True
+        return False
+
+    async def _outcome_from_store(self, session_id: str, iid: InputId) -> WaitOutcome | None:
+        state = await self.store.load_input_state(session_id, iid)
+        if state is None:
+            if not await self._in_inbox(session_id, iid) and self._runtimes.get(session_id) is None:
+                owner, _, _ = await self.store.lease_owner(session_id)
+                if owner is None:
+                    raise InputNotFoundError(str(iid), f"session {session_id}")
+            return None
+        run = await self.store.load_run(state.last_run_id) if state.last_run_id else None
+        out = outcome_of(state, run)
+        if isinstance(out, InputId):
+            agg = await self._outcome_from_store(session_id, out)
+            return None if agg is None else with_via(agg, out, iid)
+        return out
+
+    async def get_input_state(self, session_id: str, input_id: InputId | str) -> InputState:
+        """The input's state: from memory if this process owns the session, else the store."""
+        iid = input_id if isinstance(input_id, InputId) else InputId(input_id)
+        rt = self._runtimes.get(session_id)
+        if rt is not None and iid in rt._entries:
+            return rt.input_state(iid)
+        await self.start()
+        st = await self.store.load_input_state(session_id, iid)
+        if st is None:
+            raise InputNotFoundError(str(iid), f"session {session_id}")
+        return st
 
     def input_state(self, session_id: str, input_id: InputId | str) -> InputState:
         iid = input_id if isinstance(input_id, InputId) else InputId(input_id)
@@ -277,13 +596,22 @@ class Runtime:
         rt = self.runtime(session_id)
         return [rt.input_state(i) for i in rt.input_ids(include_terminal=include_terminal)]
 
+    async def _require(self, session_id: str) -> SessionRuntime:
+        rt = await self._owned(session_id)
+        if rt is None:
+            raise InvalidOperationError(
+                f"session {session_id} is owned by another process; run this operation there "
+                "(or wait until its lease expires)"
+            )
+        return rt
+
     async def cancel_input(self, session_id: str, input_id: InputId | str) -> InputState:
         iid = input_id if isinstance(input_id, InputId) else InputId(input_id)
-        return await self.runtime(session_id).cancel_input(iid)
+        return await (await self._require(session_id)).cancel_input(iid)
 
     async def ack(self, session_id: str, input_id: InputId | str) -> InputState:
         iid = input_id if isinstance(input_id, InputId) else InputId(input_id)
-        return await self.runtime(session_id).ack(iid)
+        return await (await self._require(session_id)).ack(iid)
 
     # ------------------------------------------------------------------ runtime control
 
@@ -292,19 +620,19 @@ class Runtime:
 
     async def cancel(self, session_id: str, reason: str = "") -> bool:
         """Cancel the session's active run (S8). False when there was nothing to cancel."""
-        return self.runtime(session_id).cancel_current_run(reason)
+        return (await self._require(session_id)).cancel_current_run(reason)
 
     async def retire(self, session_id: str, *, replacement_planned: bool = False) -> dict[str, int]:
-        return await self.runtime(session_id).retire(replacement_planned)
+        return await (await self._require(session_id)).retire(replacement_planned)
 
     async def respawn(self, session_id: str) -> dict[str, int]:
-        return await self.runtime(session_id).respawn()
+        return await (await self._require(session_id)).respawn()
 
     async def reset(self, session_id: str) -> dict[str, int]:
-        return await self.runtime(session_id).reset()
+        return await (await self._require(session_id)).reset()
 
     async def destroy(self, session_id: str) -> dict[str, int]:
-        return await self.runtime(session_id).destroy()
+        return await (await self._require(session_id)).destroy()
 
     def stop(self, session_id: str, reason: str = "runtime stopped") -> None:
         self.runtime(session_id).stop(reason)
@@ -315,21 +643,46 @@ class Runtime:
         self, session_id: str, after_seq: int = 0, *, follow: bool = False
     ) -> AsyncIterator[RuntimeEventEnvelope]:
         """The session's runtime events with ``seq > after_seq``, in order; with ``follow``,
-        keeps waiting for new ones. A resume past what is kept yields one ``events_gap``."""
-        rt = self.runtime(session_id)
+        keeps waiting for new ones. Older events come from the store; a resume past what is
+        kept yields one ``events_gap`` first (S15)."""
+        rt = await self._owned(session_id)
         seq = after_seq
+        if rt is None or rt.events_after(seq)[0] is not None:
+            # read what the in-memory ring no longer holds from the store
+            first = await self.store.first_event_seq(session_id)
+            if first is not None and seq + 1 < first:
+                yield _gap(session_id, seq + 1, first - 1)
+                seq = first - 1
+            while True:
+                batch = await self.store.load_events(session_id, seq, 1000)
+                if rt is not None:
+                    ring_first = rt.events_after(0)[1][:1]
+                    if ring_first and batch and batch[-1].seq >= ring_first[0].seq - 1:
+                        for e in batch:
+                            if e.seq < ring_first[0].seq:
+                                yield e
+                                seq = e.seq
+                        break
+                if not batch:
+                    break
+                for e in batch:
+                    yield e
+                    seq = e.seq
+            if rt is None:
+                if not follow:
+                    return
+                while True:
+                    await asyncio.sleep(self.poll_interval)
+                    for e in await self.store.load_events(session_id, seq, 1000):
+                        yield e
+                        seq = e.seq
+        assert rt is not None
         while True:
             signal = rt.event_signal()
             gap_from, evs = rt.events_after(seq)
             if gap_from is not None:
                 to = evs[0].seq - 1 if evs else rt.last_seq
-                yield RuntimeEventEnvelope.make(
-                    0,
-                    utcnow(),
-                    session_id,
-                    "stream",
-                    {"code": "events_gap", "from": gap_from, "to": to},
-                )
+                yield _gap(session_id, gap_from, to)
                 seq = to
             for e in evs:
                 yield e
@@ -339,3 +692,9 @@ class Runtime:
             if not follow:
                 return
             await signal.wait()
+
+
+def _gap(session_id: str, start: int, end: int) -> RuntimeEventEnvelope:
+    return RuntimeEventEnvelope.make(
+        0, utcnow(), session_id, "stream", {"code": "events_gap", "from": start, "to": end}
+    )

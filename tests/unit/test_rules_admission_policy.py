@@ -60,7 +60,7 @@ CONFIG = RuntimeConfig(backoff_base=0.01, shutdown_grace=0.05)
 async def open_runtime(
     policy: PolicyTable | None = None, config: RuntimeConfig | None = None
 ) -> AsyncIterator[Runtime]:
-    rt = Runtime.open(policy=policy, config=config or CONFIG)
+    rt = Runtime.open("memory://", policy=policy, config=config or CONFIG)
     try:
         yield rt
     finally:

@@ -77,7 +77,7 @@ def cfg(**kw: Any) -> RuntimeConfig:
 
 @pytest.fixture
 async def rt() -> AsyncIterator[Runtime]:
-    r = Runtime.open(config=cfg())
+    r = Runtime.open("memory://", config=cfg())
     try:
         yield r
     finally:
@@ -274,7 +274,7 @@ async def test_s4_failed_run_puts_head_back_at_front_with_backoff_later_inputs_w
         raise RuntimeError("model unavailable")
 
     ex = FnExecutor(fail_when_released)
-    async with Runtime.open(config=cfg(backoff_base=0.15, backoff_max=0.15)) as rt:
+    async with Runtime.open("memory://", config=cfg(backoff_base=0.15, backoff_max=0.15)) as rt:
         sid = (await rt.create_session(executor=ex)).id
         sr = rt.runtime(sid)
         p1 = await accept_ok(rt, sid, prompt("first"))
@@ -335,7 +335,7 @@ async def test_s4_retry_budget_exceeded_after_max_attempts(rt: Runtime) -> None:
 
 async def test_s4_max_attempts_is_configurable() -> None:
     ex = ScriptedExecutor(["fail_before"] * 5)
-    async with Runtime.open(config=cfg(max_attempts=1)) as rt:
+    async with Runtime.open("memory://", config=cfg(max_attempts=1)) as rt:
         sid = (await rt.create_session(executor=ex)).id
         h = await submit(rt, sid, prompt("one shot"))
         out = await h.wait(2)
@@ -374,7 +374,7 @@ async def test_s4_permanent_failure_abandons_at_once_with_error(rt: Runtime) -> 
 
 async def test_s4_cancel_during_backoff_pause_ends_it() -> None:
     ex = ScriptedExecutor(["fail_before"])
-    async with Runtime.open(config=cfg(backoff_base=5.0, backoff_max=5.0)) as rt:
+    async with Runtime.open("memory://", config=cfg(backoff_base=5.0, backoff_max=5.0)) as rt:
         sid = (await rt.create_session(executor=ex)).id
         sr = rt.runtime(sid)
         h1 = await submit(rt, sid, prompt("retrying"))
@@ -399,7 +399,7 @@ async def test_s4_cancel_during_backoff_pause_ends_it() -> None:
 
 async def test_s4_cancel_during_pause_targets_the_retrying_input_not_a_priority_newcomer() -> None:
     ex = ScriptedExecutor(["fail_before"])
-    async with Runtime.open(config=cfg(backoff_base=5.0, backoff_max=5.0)) as rt:
+    async with Runtime.open("memory://", config=cfg(backoff_base=5.0, backoff_max=5.0)) as rt:
         sid = (await rt.create_session(executor=ex)).id
         sr = rt.runtime(sid)
         p1 = await accept_ok(rt, sid, prompt("retrying"))
@@ -414,7 +414,7 @@ async def test_s4_cancel_during_pause_targets_the_retrying_input_not_a_priority_
 
 async def test_s4_reset_during_backoff_pause_ends_it() -> None:
     ex = ScriptedExecutor(["fail_before"])
-    async with Runtime.open(config=cfg(backoff_base=5.0, backoff_max=5.0)) as rt:
+    async with Runtime.open("memory://", config=cfg(backoff_base=5.0, backoff_max=5.0)) as rt:
         sid = (await rt.create_session(executor=ex)).id
         sr = rt.runtime(sid)
         h1 = await submit(rt, sid, prompt("retrying"))
@@ -431,7 +431,7 @@ async def test_s4_reset_during_backoff_pause_ends_it() -> None:
 
 async def test_s4_retire_during_backoff_pause_ends_it() -> None:
     ex = ScriptedExecutor(["fail_before"])
-    async with Runtime.open(config=cfg(backoff_base=5.0, backoff_max=5.0)) as rt:
+    async with Runtime.open("memory://", config=cfg(backoff_base=5.0, backoff_max=5.0)) as rt:
         sid = (await rt.create_session(executor=ex)).id
         sr = rt.runtime(sid)
         h1 = await submit(rt, sid, prompt("retrying"))
@@ -446,7 +446,7 @@ async def test_s4_retire_during_backoff_pause_ends_it() -> None:
 
 async def test_s4_retire_for_respawn_during_pause_ends_it_and_the_head_runs_after_respawn() -> None:
     ex = ScriptedExecutor(["fail_before"])
-    async with Runtime.open(config=cfg(backoff_base=5.0, backoff_max=5.0)) as rt:
+    async with Runtime.open("memory://", config=cfg(backoff_base=5.0, backoff_max=5.0)) as rt:
         sid = (await rt.create_session(executor=ex)).id
         sr = rt.runtime(sid)
         h1 = await submit(rt, sid, prompt("retrying"))
@@ -496,7 +496,7 @@ async def test_s5_failure_after_boundary_schedules_a_continuation_no_duplicate_r
 
 async def test_s5_inputs_stay_applied_pending_consumption_during_the_continuation_pause() -> None:
     ex = ScriptedExecutor(["fail_after", "ok"])
-    async with Runtime.open(config=cfg(backoff_base=0.2, backoff_max=0.2)) as rt:
+    async with Runtime.open("memory://", config=cfg(backoff_base=0.2, backoff_max=0.2)) as rt:
         sid = (await rt.create_session(executor=ex)).id
         sr = rt.runtime(sid)
         p1 = await accept_ok(rt, sid, prompt("applied"))
@@ -548,7 +548,7 @@ async def test_s5_permanent_failure_after_boundary_abandons_failed(rt: Runtime) 
 
 async def test_s5_cancel_during_continuation_pause_answers_cancelled() -> None:
     ex = ScriptedExecutor(["fail_after"])
-    async with Runtime.open(config=cfg(backoff_base=5.0, backoff_max=5.0)) as rt:
+    async with Runtime.open("memory://", config=cfg(backoff_base=5.0, backoff_max=5.0)) as rt:
         sid = (await rt.create_session(executor=ex)).id
         sr = rt.runtime(sid)
         h = await submit(rt, sid, prompt("applied, then failed"))
@@ -958,7 +958,7 @@ async def test_s9_respawn_waits_for_the_active_run() -> None:
         return RunResult(text="finished")
 
     ex = FnExecutor(gated)
-    async with Runtime.open(config=cfg()) as rt:
+    async with Runtime.open("memory://", config=cfg()) as rt:
         sid = (await rt.create_session(executor=ex)).id
         sr = rt.runtime(sid)
         h = await submit(rt, sid, prompt("long"))
@@ -993,7 +993,7 @@ async def test_s9_reset_during_active_run_cancels_abandons_clears_and_runs_again
         return None
 
     ex = FnExecutor(slow_to_cancel)
-    async with Runtime.open(config=cfg()) as rt:
+    async with Runtime.open("memory://", config=cfg()) as rt:
         sid = (await rt.create_session(executor=ex)).id
         h1 = await submit(rt, sid, prompt("applied then reset"))
         await applied(rt, sid, h1.input_id)
@@ -1180,7 +1180,7 @@ def test_s12_waiter_outcome_json_is_tagged_outcome_type() -> None:
 
 async def test_s12_close_resolves_non_terminal_waiters_terminated() -> None:
     ex = ScriptedExecutor(["hang"])
-    rt = Runtime.open(config=cfg())
+    rt = Runtime.open("memory://", config=cfg())
     sid = (await rt.create_session(executor=ex)).id
     h1 = await submit(rt, sid, prompt("running"))
     await until(lambda: len(ex.runs) == 1, "run start")
@@ -1197,7 +1197,7 @@ async def test_s12_close_resolves_non_terminal_waiters_terminated() -> None:
 
 async def test_s12_terminated_waiter_of_a_coalesced_source_names_its_own_input() -> None:
     ex = ScriptedExecutor(["hang"])
-    rt = Runtime.open(config=cfg())
+    rt = Runtime.open("memory://", config=cfg())
     sid = (await rt.create_session(executor=ex)).id
     g1 = await submit(rt, sid, progress_response("10%"))
     await submit(rt, sid, progress_response("20%"))
@@ -1248,6 +1248,7 @@ async def test_s13_respawn_rebuilds_a_queued_derived_input_with_a_new_id() -> No
 
     ex = ScriptedExecutor()
     rt = Runtime.open(
+        "memory://",
         config=cfg(),
         policy=_queue_projected_table(),
         rebuilders=Rebuilders(projection={"rule-1": rebuild}),
@@ -1281,7 +1282,7 @@ async def test_s13_respawn_rebuilds_a_queued_derived_input_with_a_new_id() -> No
 
 async def test_s13_derived_input_without_rebuilder_is_abandoned_recovery_failed() -> None:
     ex = ScriptedExecutor()
-    async with Runtime.open(config=cfg(), policy=_queue_projected_table()) as rt:
+    async with Runtime.open("memory://", config=cfg(), policy=_queue_projected_table()) as rt:
         sid = (await rt.create_session(executor=ex)).id
         h = await submit(rt, sid, ProjectedInput.new("rule-x", "ev-1", "derived"))
         await rt.retire(sid, replacement_planned=True)
@@ -1364,7 +1365,7 @@ async def test_s15_resume_after_seq(rt: Runtime) -> None:
 
 async def test_s15_resume_past_retention_yields_events_gap_first() -> None:
     ex = ScriptedExecutor()
-    async with Runtime.open(config=cfg(event_retention=20)) as rt:
+    async with Runtime.open("memory://", config=cfg(event_retention=20)) as rt:
         sid = (await rt.create_session(executor=ex)).id
         for i in range(6):
             await (await submit(rt, sid, prompt(f"m{i}"))).wait(1)
@@ -1508,7 +1509,7 @@ async def test_s16_wakeable_joiner_missed_by_a_run_starts_the_next_run(rt: Runti
 
 async def test_s19_exit_stops_accepting_grace_then_terminated() -> None:
     ex = ScriptedExecutor(["hang"])
-    rt = Runtime.open(config=cfg())
+    rt = Runtime.open("memory://", config=cfg())
     async with rt:
         sid = (await rt.create_session(executor=ex)).id
         h1 = await submit(rt, sid, prompt("hangs"))
@@ -1553,7 +1554,7 @@ async def test_s19_a_run_that_finishes_within_grace_completes() -> None:
         return RunResult(text="made it")
 
     ex = FnExecutor(quick)
-    async with Runtime.open(config=cfg(shutdown_grace=0.5)) as rt:
+    async with Runtime.open("memory://", config=cfg(shutdown_grace=0.5)) as rt:
         sid = (await rt.create_session(executor=ex)).id
         h = await submit(rt, sid, prompt("finish me"))
         await until(lambda: len(ex.runs) == 1, "run start")
@@ -1570,7 +1571,7 @@ async def test_s19_no_new_run_starts_during_the_grace_period() -> None:
         return RunResult(text="made it")
 
     ex = FnExecutor(default=quick)
-    rt = Runtime.open(config=cfg())
+    rt = Runtime.open("memory://", config=cfg())
     sid = (await rt.create_session(executor=ex)).id
     h1 = await submit(rt, sid, prompt("active"))
     h2 = await submit(rt, sid, prompt("queued at shutdown"))
@@ -1598,7 +1599,7 @@ async def test_s17_at_most_one_run_per_session_under_accepts_cancels_and_resets(
         return RunResult(text="ok")
 
     ex = FnExecutor(default=busy)
-    async with Runtime.open(config=cfg()) as rt:
+    async with Runtime.open("memory://", config=cfg()) as rt:
         sid = (await rt.create_session(executor=ex)).id
         handles: list[CompletionHandle] = []
         for _ in range(60):

@@ -78,6 +78,21 @@ NON_TERMINAL_PENDING = (IS.ACCEPTED, IS.QUEUED)
 MAX_ATTEMPTS = 3
 POLICY = default_policy_table()
 
+# --- known runtime bugs ---------------------------------------------------------------------
+# Each has a strict xfail test at the end of this file. While it is open, the machine steers
+# around it (documented here); when the fix lands, the xfail test passes (an XPASS fails the
+# suite): then set the flag to False.
+
+#: BUG-1: a respawn waiting for the active run completes after ``close()`` stopped the
+#: runtime, and revives it (state ``idle``, generation bumped, a write by a stopped instance).
+#: Avoided: before closing, the teardown cancels the runs that pending respawns wait for.
+AVOID_BUG_RESPAWN_AFTER_STOP = True
+#: BUG-2: ``stop()``/``close()`` fences the active run without recording it cancelled, so an
+#: input it consumed at its boundary (on_apply, e.g. system_generated) is answered
+#: ``terminated`` (S12: only for non-terminal inputs) and a later wait on it hangs.
+#: Tolerated: the teardown accepts ``terminated`` for those and skips their post-close wait.
+TOLERATE_BUG_STOP_EARLY_CONSUMED = True
+
 # --- inputs -------------------------------------------------------------------------------
 
 #: spec kind -> the policy kind id it resolves to (reference-inputs.md §2.6)
@@ -123,14 +138,15 @@ class Spec(NamedTuple):
 
 @st.composite
 def input_specs(draw: st.DrawFn) -> Spec:
-    kind = draw(st.sampled_from(KINDS))
+    # progress responses weigh more: coalescing needs two of them queued together (S3)
+    kind = draw(st.sampled_from((*KINDS, "peer_progress", "peer_progress")))
     durabilities = ["durable", "ephemeral"]
     if kind in ("projected", "system"):
         durabilities.append("derived")
     return Spec(
         kind=kind,
         variant=draw(st.integers(0, 1)),
-        idem=draw(st.none() | st.sampled_from(IDEM_KEYS)),
+        idem=draw(st.sampled_from((None, None, None, None, None, *IDEM_KEYS))),
         sup=draw(st.none() | st.sampled_from(SUP_KEYS)),
         durability=draw(st.sampled_from(durabilities)),
     )
@@ -207,6 +223,8 @@ BEHAVIOURS = (
     "hold_fail",  # commit, gate, checkpoint, gate, transient failure
     "wait",  # commit, run.wait() until an interrupt_yielding input or cancel, checkpoint, ok
 )
+#: what the next run does, as drawn with an accept: mostly runs that end by themselves
+NEXT_RUN = ("ok", "ok", "ok", "none", *BEHAVIOURS)
 TRANSIENT = "transient failure"
 PERMANENT = "permanent failure"
 
@@ -403,6 +421,7 @@ class RuntimeMachine(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.rt = Runtime.open(
+            "memory://",
             config=RuntimeConfig(backoff_base=0.0, backoff_max=0.0, max_attempts=MAX_ATTEMPTS)
         )
         self.sids: list[str] = []
@@ -496,10 +515,15 @@ class RuntimeMachine(RuleBasedStateMachine):
         inp = build_input(spec)
         n_before = len(sr.input_ids(include_terminal=True))
         known = self.idem[sid]
+        # S14 does not order the checks: with several problems, any of their codes will do;
+        # idempotency (S11) is judged only for an input the runtime could admit
+        codes = set()
+        if spec.durability == "derived" and spec.kind == "system":
+            codes.add("invalid_durability")
         if self.retired[sid] is not None:
-            exp: tuple[str, Any] = ("rejected", "not_ready")
-        elif spec.durability == "derived" and spec.kind == "system":
-            exp = ("rejected", "invalid_durability")
+            codes.add("not_ready")
+        if codes:
+            exp: tuple[str, Any] = ("rejected", codes)
         elif spec.idem is not None and spec.idem in known:
             prev_spec, prev_id = known[spec.idem]
             exp = (
@@ -507,7 +531,7 @@ class RuntimeMachine(RuleBasedStateMachine):
                 if prev_spec == spec
                 else (
                     "rejected",
-                    "idempotency_conflict",
+                    {"idempotency_conflict"},
                 )
             )
         else:
@@ -526,7 +550,7 @@ class RuntimeMachine(RuleBasedStateMachine):
         assert out.outcome_type == exp[0], f"accept {spec}: expected {exp}, got {out!r}"
         n_after = len(sr.input_ids(include_terminal=True))
         if out.outcome_type == "rejected":
-            assert out.code.value == exp[1], f"accept {spec}: expected {exp}, got {out!r}"
+            assert out.code.value in exp[1], f"accept {spec}: expected {exp}, got {out!r}"
             assert n_after == n_before, "a rejected input created state (S14)"
             self.handles.append(HandleRec(sid, spec, inp.id, h, None))
             return
@@ -568,11 +592,42 @@ class RuntimeMachine(RuleBasedStateMachine):
                     f"when {inp.id} ({spec}) was accepted"
                 )
 
-    @rule(sidx=st.integers(0, 1), spec=input_specs())
+    @rule(sidx=st.integers(0, 1), spec=input_specs(), then=st.none() | st.sampled_from(NEXT_RUN))
     @_marks_failure
-    def accept_one(self, sidx: int, spec: Spec) -> None:
+    def accept_one(self, sidx: int, spec: Spec, then: str | None) -> None:
+        """Accept one input; ``then`` is how the next run of the session behaves."""
+        if then is not None:
+            self.execs[self._sid(sidx)].plan.append(then)
+
         async def go() -> None:
             await self._accept(self._sid(sidx), spec)
+            await self._settle()
+
+        self._run(go())
+
+    @rule(
+        pick=st.integers(0, 1000),
+        mode=st.sampled_from(["retry", "retry", "other_content", "newer_in_scope"]),
+    )
+    @_marks_failure
+    def resend(self, pick: int, mode: str) -> None:
+        """Send an earlier input again: a client retry (same content, new id: S11 dedup when
+        keyed), other content under the same idempotency key (S11 conflict), or a newer input
+        of the same supersession scope (S2)."""
+        if not self.handles:
+            return
+        h = self.handles[pick % len(self.handles)]
+        if mode == "retry":
+            spec = h.spec
+        elif mode == "other_content":
+            spec = h.spec._replace(variant=1 - h.spec.variant)
+        else:
+            spec = h.spec._replace(
+                variant=1 - h.spec.variant, idem=None, sup=h.spec.sup or SUP_KEYS[0]
+            )
+
+        async def go() -> None:
+            await self._accept(h.sid, spec)
             await self._settle()
 
         self._run(go())
@@ -592,18 +647,25 @@ class RuntimeMachine(RuleBasedStateMachine):
     # -- the executor's plan
 
     @rule(
-        sidx=st.integers(0, 1), steps=st.lists(st.sampled_from(BEHAVIOURS), min_size=1, max_size=3)
-    @_marks_failure
+        sidx=st.integers(0, 1),
+        steps=st.lists(st.sampled_from(BEHAVIOURS), min_size=1, max_size=3)
+        | st.sampled_from([["fail_before"] * MAX_ATTEMPTS, ["fail_after"] * MAX_ATTEMPTS]),
     )
+    @_marks_failure
     def script_runs(self, sidx: int, steps: list[str]) -> None:
         self.execs[self._sid(sidx)].plan.extend(steps)
 
-    @rule(sidx=st.integers(0, 1))
+    @rule(sidx=st.integers(0, 1), times=st.integers(1, 2))
     @_marks_failure
-    def release(self, sidx: int) -> None:
-        """Open the gate of a ``hold`` run (its next checkpoint)."""
-        self.execs[self._sid(sidx)].release()
-        self._run(self._settle())
+    def release(self, sidx: int, times: int) -> None:
+        """Open the gate of a ``hold`` run (on to its next checkpoint), once or twice."""
+
+        async def go() -> None:
+            for _ in range(times):
+                self.execs[self._sid(sidx)].release()
+                await self._settle()
+
+        self._run(go())
 
     @rule()
     @_marks_failure
@@ -691,9 +753,22 @@ class RuntimeMachine(RuleBasedStateMachine):
 
     # -- lifecycle (S9)
 
-    @rule(sidx=st.integers(0, 1), replacement=st.booleans())
+    @rule(
+        sidx=st.integers(0, 1),
+        op=st.sampled_from(["retire", "retire_for_respawn", "respawn", "respawn", "reset"]),
+    )
     @_marks_failure
-    def retire(self, sidx: int, replacement: bool) -> None:
+    def lifecycle(self, sidx: int, op: str) -> None:
+        if op == "retire":
+            self.do_retire(sidx, False)
+        elif op == "retire_for_respawn":
+            self.do_retire(sidx, True)
+        elif op == "respawn":
+            self.do_respawn(sidx)
+        else:
+            self.do_reset(sidx)
+
+    def do_retire(self, sidx: int, replacement: bool) -> None:
         sid = self._sid(sidx)
 
         async def go() -> None:
@@ -752,9 +827,7 @@ class RuntimeMachine(RuleBasedStateMachine):
         self.retired[sid] = None
         return res
 
-    @rule(sidx=st.integers(0, 1))
-    @_marks_failure
-    def respawn(self, sidx: int) -> None:
+    def do_respawn(self, sidx: int) -> None:
         sid = self._sid(sidx)
 
         async def go() -> None:
@@ -768,9 +841,7 @@ class RuntimeMachine(RuleBasedStateMachine):
 
         self._run(go())
 
-    @rule(sidx=st.integers(0, 1))
-    @_marks_failure
-    def reset(self, sidx: int) -> None:
+    def do_reset(self, sidx: int) -> None:
         sid = self._sid(sidx)
 
         async def go() -> None:
@@ -989,7 +1060,7 @@ class RuntimeMachine(RuleBasedStateMachine):
                     assert h.handle._future is None
                     continue
                 fut = h.handle._future
-                final = self._resolvable(states, h.target)
+                final = self._resolvable(sid, states, h.target)
                 if not final:
                     assert not fut.done(), (
                         f"S12: waiter of non-terminal {h.target} resolved: {fut.result()!r}"
@@ -1008,15 +1079,24 @@ class RuntimeMachine(RuleBasedStateMachine):
                 f"{not_done} handles pending"
             )
             for iid in sr.completions._waiters:
-                assert not states[iid].is_terminal, f"registry keeps waiters of terminal {iid}"
+                assert not self._resolvable(sid, states, iid), (
+                    f"registry keeps waiters of answered input {iid}"
+                )
 
-    def _resolvable(self, states: dict[InputId, InputState], iid: InputId) -> bool:
+    def _resolvable(self, sid: str, states: dict[InputId, InputState], iid: InputId) -> bool:
+        """Whether the input's waiters must be answered by now: it is terminal, and (S12) the
+        outcome is known: a coalesced input follows its aggregate; an input consumed at its
+        boundary (on_apply) is answered when its run ends."""
         s = states[iid]
         if not s.is_terminal:
             return False
         out = s.terminal_outcome
         if out is not None and out.outcome_type == "coalesced":
-            return self._resolvable(states, out.aggregate_id)
+            return self._resolvable(sid, states, out.aggregate_id)
+        if s.current_state is IS.CONSUMED and s.last_run_id is not None:
+            log = self.execs[sid].runs.get(s.last_run_id)
+            if log is not None and log.end == "running":
+                return False
         return True
 
     def _check_outcome(
@@ -1077,12 +1157,31 @@ class RuntimeMachine(RuleBasedStateMachine):
             self.loop.close()
 
     async def _close_and_check(self) -> None:
-        final = {}
+        if AVOID_BUG_RESPAWN_AFTER_STOP:
+            for _ in range(10):
+                waiting = [s for s, t in self.respawns.items() if not t.done()]
+                if not waiting:
+                    break
+                for sid in waiting:
+                    await self.rt.cancel(sid)
+                await self._settle()
+        resolvable: dict[int, bool] = {}
+        terminal: dict[int, bool] = {}
+        in_flight: set[InputId] = set()  # consumed at the boundary of a run still running
         for sid in self.sids:
             states = self._states(sid)
+            in_flight |= {
+                i for i, st_ in states.items() if st_.is_terminal and not self._resolvable(sid, states, i)
+            }
             for h in self.handles:
                 if h.sid == sid and h.target is not None:
-                    final[id(h)] = self._resolvable(states, h.target)
+                    resolvable[id(h)] = self._resolvable(sid, states, h.target)
+                    terminal[id(h)] = states[h.target].is_terminal
+                    fut = h.handle._future
+                    if resolvable[id(h)] and h.seen is None:
+                        assert fut.done(), f"S12: waiter of terminal {h.target} not resolved"
+                        self._check_outcome(sid, states, h.target, fut.result())
+                        h.seen = fut.result().to_json()
         await self.rt.close(grace=0)
         for _ in range(20):
             await asyncio.sleep(0)
@@ -1095,8 +1194,13 @@ class RuntimeMachine(RuleBasedStateMachine):
             fut = h.handle._future
             assert fut.done(), f"S12/S19: waiter of {h.target} still pending after close"
             res = fut.result()
-            if final[id(h)]:
-                assert res.outcome_type != "terminated", res
+            if resolvable[id(h)]:
+                assert h.seen is not None and res.to_json() == h.seen, res
+            elif terminal[id(h)]:
+                # consumed at its boundary in the run the close stopped (S8: cancelled)
+                assert res.outcome_type != "terminated" or TOLERATE_BUG_STOP_EARLY_CONSUMED, (
+                    f"S12: terminal {h.target} answered terminated at close"
+                )
             else:
                 assert res.outcome_type == "terminated", f"S19: {h.target} -> {res!r}"
                 assert res.input_id == h.target, f"terminated outcome names {res.input_id}"
@@ -1104,6 +1208,19 @@ class RuntimeMachine(RuleBasedStateMachine):
             sr = self.rt.runtime(sid)
             assert sr.state is RuntimeState.STOPPED, f"{sid} is {sr.state.value} after close"
             assert self.execs[sid].max_active <= 1
+            # S12: a waiter registered after the close never hangs
+            for iid in sr.input_ids(include_terminal=True):
+                if iid in in_flight and TOLERATE_BUG_STOP_EARLY_CONSUMED:
+                    continue
+                fut = sr.register_waiter(iid)
+                for _ in range(3):
+                    await asyncio.sleep(0)
+                assert fut.done(), f"S12: a wait on {iid} after close hangs"
+                res = fut.result()
+                if sr.input_state(iid).is_terminal:
+                    assert res.outcome_type != "terminated", (iid, res)
+                else:
+                    assert res.outcome_type == "terminated", (iid, res)
 
 
 # --- the tests ----------------------------------------------------------------------------

@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, TypeVar
 
+from pydantic import TypeAdapter, ValidationError
+
+from .._crash import crashpoint
 from .._ids import InputId, RunId
 from .._json import compact
 from .._time import utcnow
@@ -51,7 +54,7 @@ from ..core.lifecycle import (
 )
 from ..core.session import Conversation
 from ..errors import InputNotFoundError, InvalidOperationError
-from ..store.base import RunRecord, RuntimeStore, Txn
+from ..store.base import IdempotencyRecord, InboxEntry, LoadedRuntime, RunRecord, RuntimeStore, Txn
 from .completion import CompletionRegistry
 from .events import RuntimeEventEnvelope
 from .input_state import (
@@ -80,18 +83,14 @@ from .inputs import (
     validate_durability,
 )
 from .outcomes import (
-    AbandonedWait,
     Accepted,
     AcceptOutcome,
-    CancelledWait,
-    CompletedWait,
-    CompletedWithoutResultWait,
     Deduplicated,
     RejectCode,
     Rejected,
-    SupersededWait,
     TerminatedWait,
     WaitOutcome,
+    outcome_of,
     with_via,
 )
 from .policy import (
@@ -106,7 +105,7 @@ from .policy import (
 from .queue import InputQueue
 from .state import RuntimeState
 
-__all__ = ["Rebuilders", "RuntimeConfig", "SessionRuntime"]
+__all__ = ["Rebuilders", "RuntimeConfig", "SessionRuntime", "validate_input"]
 
 _INPUT_TYPES = (
     PromptInput,
@@ -148,7 +147,7 @@ class Rebuilders:
 
 
 class _Entry:
-    __slots__ = ("event_type", "input", "kind", "policy", "priority", "state", "wakes")
+    __slots__ = ("event_type", "input", "kind", "order", "policy", "priority", "state", "wakes")
 
     def __init__(
         self, input: Input, state: InputState, policy: PolicyDecision, wakes: bool, kind: str
@@ -160,6 +159,7 @@ class _Entry:
         self.kind = kind
         self.event_type = input.event_type if isinstance(input, ExternalEventInput) else None
         self.priority = policy.is_priority
+        self.order = 0  # queue position persisted with the state (ascending = earlier)
 
 
 class _Run:
@@ -239,6 +239,8 @@ class SessionRuntime:
         self._idem: dict[str, tuple[InputId, str, datetime]] = {}
         self._scopes: dict[tuple[str, str], list[InputId]] = {}
         self._waking = 0  # queued inputs whose as-if-idle policy wakes (S17)
+        self._order_back = 0  # queue positions: appends count up, returns to the front down
+        self._order_front = 0
         self._nonterminal = 0
         self._pending_consumption: dict[InputId, None] = {}
         self._continuation_pending = False
@@ -255,6 +257,7 @@ class SessionRuntime:
         self._wake = asyncio.Event()
         self._closed_reason: str | None = None
         self._closing = False
+        self.failure: BaseException | None = None  # the store error that stopped this instance
 
     # ------------------------------------------------------------------ transactions
 
@@ -297,6 +300,8 @@ class SessionRuntime:
         """Hand ``txn`` to the store; publish its events now (in seq order) and run its
         after-commit actions (waiter resolution) once it is durable."""
         fut = self.store.submit(txn)
+        if isinstance(fut, asyncio.Future):
+            fut.add_done_callback(self._check_commit)
         if txn.events:
             self._events.extend(txn.events)
             self._event_signal.set()
@@ -321,6 +326,16 @@ class SessionRuntime:
                 fut = asyncio.ensure_future(fut)
                 fut.add_done_callback(_run_callbacks)
         return fut
+
+    def _check_commit(self, fut: asyncio.Future[None]) -> None:
+        """A failed commit means memory is ahead of the store: this instance stops (its next
+        open recovers from what the store holds, S7/S10) and says why."""
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None and self._closed_reason is None:
+            self.failure = exc
+            self.stop(f"store write failed, instance stopped: {exc}")
 
     async def _commit(self, txn: Txn) -> None:
         fut = self._submit(txn)
@@ -375,11 +390,12 @@ class SessionRuntime:
             txn, "abandoned", now, input_id=st.input_id, reason=reason.value, error=error
         )
 
-    def _enqueue(self, entry: _Entry, front: bool = False) -> None:
-        if front:
-            self._queue.push_front([(entry.state.input_id, entry.priority)])
-        else:
-            self._queue.push_back(entry.state.input_id, entry.priority)
+    def _enqueue(self, entry: _Entry, txn: Txn | None = None) -> None:
+        self._order_back += 1
+        entry.order = self._order_back
+        self._queue.push_back(entry.state.input_id, entry.priority)
+        if txn is not None:
+            txn.queue_orders[entry.state.input_id] = entry.order
         if entry.wakes:
             self._waking += 1
 
@@ -404,34 +420,18 @@ class SessionRuntime:
         *,
         reconstruction_source: ReconstructionSource | None = None,
         register_waiter: bool = False,
+        from_inbox: int | None = None,
     ) -> tuple[AcceptOutcome, asyncio.Future[Any] | None]:
         """Admit one input (S11, S13, S14, S2). Never raises for input problems.
 
         Returns the outcome and, with ``register_waiter``, a future that resolves with the
         input's waiter outcome (for ``deduplicated``: the existing input's).
         """
-        # -- parse and size (S14)
-        if isinstance(raw, (str, bytes)):
-            size = len(raw.encode("utf-8") if isinstance(raw, str) else raw)
-            if size > self.config.max_input_bytes:
-                return self._too_large(size), None
-            try:
-                input = parse_input(raw)
-            except ValueError as exc:
-                return self._reject(str(exc), RejectCode.INVALID), None
-        elif not isinstance(raw, _INPUT_TYPES):
-            try:
-                input = parse_input(raw)
-            except ValueError as exc:
-                return self._reject(str(exc), RejectCode.INVALID), None
-            size = len(input.to_json().encode("utf-8"))
-            if size > self.config.max_input_bytes:
-                return self._too_large(size), None
-        else:
-            input = raw
-            size = len(input.to_json().encode("utf-8"))
-            if size > self.config.max_input_bytes:
-                return self._too_large(size), None
+        checked = validate_input(raw, self.config.max_input_bytes, reconstruction_source)
+        if isinstance(checked, Rejected):
+            return checked, None
+        input, reconstruction_source = checked
+        durability = input.header.durability
 
         # -- state gate (S7: accept waits while recovering)
         if not self._ready.is_set():
@@ -449,30 +449,13 @@ class SessionRuntime:
                 RejectCode.NOT_READY,
             ), None
 
-        # -- durability (S13): fixed validation, then derived inputs need their source
-        err = validate_durability(input)
-        if err is not None:
-            return self._reject(str(err), RejectCode.INVALID_DURABILITY), None
-        durability = input.header.durability
-        if durability is InputDurability.DERIVED and reconstruction_source is None:
-            if isinstance(input, ProjectedInput):
-                reconstruction_source = ProjectionSource(
-                    rule_id=input.rule_id, source_event_id=input.source_event_id
-                )
-            else:
-                return self._reject(
-                    "derived inputs must be accepted with a reconstruction_source "
-                    "(projection{rule_id, source_event_id} or coalescing{source_input_ids})",
-                    RejectCode.INVALID_DURABILITY,
-                ), None
-
         # -- idempotency (S11)
         now = utcnow()
         key = input.header.idempotency_key
         chash: str | None = None
         if key is not None:
             chash = content_hash(input)
-            hit = self._idem.get(key.value)
+            hit = self._idem.get(key.value) if from_inbox is None else None
             if hit is not None:
                 existing_id, existing_hash, at = hit
                 if now - at > self.config.idempotency_window:
@@ -525,8 +508,12 @@ class SessionRuntime:
         if key is not None and chash is not None:
             self._idem[key.value] = (input.id, chash, now)
 
-        txn = self._txn(durable=durability is InputDurability.DURABLE)
+        txn = self._txn(durable=durability is not InputDurability.EPHEMERAL)
         txn.touch(state)
+        if key is not None and chash is not None and from_inbox is None:
+            txn.idempotency.append(IdempotencyRecord(key.value, input.id, chash, now))
+        if from_inbox is not None:
+            txn.inbox_done.append(from_inbox)
         self._emit_input(txn, "accepted", now, input_id=input.id)
         if policy.consumed_at_accept:
             self._transition(txn, entry, IS.CONSUMED, now, "ignore: consumed at accept")
@@ -534,7 +521,7 @@ class SessionRuntime:
         else:
             self._supersede_scope(txn, entry, now)
             state.transition(IS.QUEUED, None, now)
-            self._enqueue(entry)
+            self._enqueue(entry, txn)
             self._emit_input(txn, "queued", now, input_id=input.id)
             if (
                 self._active is not None
@@ -547,14 +534,12 @@ class SessionRuntime:
         outcome = Accepted(input_id=input.id, policy=policy, state=state.clone())
         pending = self._submit(txn)
         self._kick()
-        await asyncio.shield(pending)  # durable before ack (S6)
+        if txn.durable:
+            await asyncio.shield(pending)  # durable before ack (S6)
+            crashpoint("accept.committed")
+        else:
+            _ignore_result(pending)  # ephemeral: rides along with the next commit (S6)
         return outcome, fut
-
-    def _too_large(self, size: int) -> Rejected:
-        return self._reject(
-            f"input is {size} bytes; the limit is {self.config.max_input_bytes} bytes",
-            RejectCode.TOO_LARGE,
-        )
 
     def _supersede_scope(self, txn: Txn, entry: _Entry, now: datetime) -> None:
         """S2: the new input supersedes older accepted/queued inputs of its scope."""
@@ -612,30 +597,15 @@ class SessionRuntime:
         """S12: the waiter outcome of a terminal input, from its state and its last run.
         ``None`` for a non-terminal input (or one coalesced into a non-terminal aggregate)."""
         entry = self._entries.get(input_id)
-        if entry is None or not entry.state.is_terminal:
+        if entry is None:
             return None
         st = entry.state
-        out = st.terminal_outcome
         run = self.runs.get(st.last_run_id) if st.last_run_id is not None else None
-        kind = out.outcome_type if out is not None else "consumed"
-        if kind == "consumed":
-            if run is not None and run.status == "running":
-                return None  # consumed early (on_apply); answered when its run ends
-            if run is not None and run.status == "cancelled":
-                return CancelledWait(input_id=input_id)
-            if run is not None and run.result is not None:
-                return CompletedWait(input_id=input_id, result=run.result)
-            return CompletedWithoutResultWait(input_id=input_id)
-        if kind == "superseded":
-            return SupersededWait(input_id=input_id, superseded_by=out.superseded_by)  # type: ignore[union-attr]
-        if kind == "coalesced":
-            agg_id = out.aggregate_id  # type: ignore[union-attr]
-            agg = self.outcome_for(agg_id)
-            return None if agg is None else with_via(agg, agg_id, input_id)
-        reason = out.reason  # type: ignore[union-attr]
-        if reason is InputAbandonReason.CANCELLED and (run is None or run.status == "cancelled"):
-            return CancelledWait(input_id=input_id)
-        return AbandonedWait(input_id=input_id, reason=reason, error=out.error)  # type: ignore[union-attr]
+        out = outcome_of(st, run)
+        if isinstance(out, InputId):
+            agg = self.outcome_for(out)
+            return None if agg is None else with_via(agg, out, input_id)
+        return out
 
     def _resolve_waiters(self, input_id: InputId) -> None:
         if not self.completions.has(input_id):
@@ -700,7 +670,9 @@ class SessionRuntime:
     # ------------------------------------------------------------------ the loop
 
     def _has_work(self) -> bool:
-        if self._closing or self.held or self._active is not None or not self.state.can_process_queue:
+        if self._closing or self.held or self._active is not None:
+            return False
+        if not self.state.can_process_queue:
             return False
         if self._continuation_pending and self._pending_consumption:
             return True
@@ -867,19 +839,19 @@ class SessionRuntime:
             txn.touch(s.state)
             self._on_terminal(txn, s)
             self._emit_input(txn, "coalesced", now, input_id=s.state.input_id, aggregate_id=agg_id)
-        self._insert_after(entry, pos_ids)
+        self._insert_after(txn, entry, pos_ids)
         self._emit_input(txn, "queued", now, input_id=agg_id)
         return agg_id
 
-    def _insert_after(self, entry: _Entry, before: list[InputId]) -> None:
+    def _insert_after(self, txn: Txn, entry: _Entry, before: list[InputId]) -> None:
         """Queue ``entry`` right after the ids ``before`` (which are at the queue's front)."""
         tail = [i for i in self._queue.ids() if i not in set(before)]
         items = [(i, self._entries[i].priority) for i in tail]
         for i in tail:
             self._dequeue(self._entries[i])
-        self._enqueue(entry)
+        self._enqueue(entry, txn)
         for i, _ in items:
-            self._enqueue(self._entries[i])
+            self._enqueue(self._entries[i], txn)
 
     # ------------------------------------------------------------------ run execution
 
@@ -987,7 +959,9 @@ class SessionRuntime:
         if run.cancelled.is_set():
             raise RunCancelled(run.cancel_reason or "run cancelled before its boundary")
         txn = self._boundary_txn(run, delta)
+        crashpoint("boundary.before")
         await self._commit(txn)
+        crashpoint("boundary.after")
         return txn.receipts[-1]
 
     def _boundary_txn(self, run: _Run, delta: Sequence[Message]) -> Txn:
@@ -1045,7 +1019,9 @@ class SessionRuntime:
             applied_input_ids=applying,
             joined_input_ids=joined,
         )
+        crashpoint("checkpoint.before")
         await self._commit(txn)
+        crashpoint("checkpoint.after")
         if not joined:
             return None
         return self._staged_primitive(joined, RunApplyBoundary.RUN_CHECKPOINT, None)
@@ -1082,6 +1058,8 @@ class SessionRuntime:
         self._resolve_early(txn, run)
         self._finish_state(txn, run, now)
         self._emit_run(txn, "completed", now, run_id=run.run_id)
+        crashpoint("completion.before")
+        txn.after_commit.append(functools.partial(crashpoint, "completion.after"))
         self._submit(txn)
 
     def _end_failed(self, run: _Run, exc: BaseException, permanent: bool) -> None:
@@ -1200,6 +1178,10 @@ class SessionRuntime:
         if back:
             self._queue.push_front([(e.state.input_id, e.priority) for e in back])
             self._waking += sum(1 for e in back if e.wakes)
+            for e in reversed(back):
+                self._order_front -= 1
+                e.order = self._order_front
+                txn.queue_orders[e.state.input_id] = e.order
 
     def _end_cancelled(self, run: _Run) -> None:
         if run.fenced:
@@ -1239,6 +1221,214 @@ class SessionRuntime:
         self._finish_state(txn, run, now)
         self._emit_run(txn, "cancelled", now, run_id=run.run_id, reason=run.cancel_reason or None)
         self._submit(txn)
+
+    async def ingest(self, entry: InboxEntry) -> None:
+        """Admit an input another process wrote to the inbox (S10), deleting the inbox row in
+        the same transaction. Its idempotency key was claimed in the store when it was pushed.
+        An input the runtime can no longer take (retired, destroyed) is recorded and abandoned
+        with the reason, never dropped silently."""
+        try:
+            input = parse_input(entry.input_json)
+            source = (
+                _source_adapter.validate_json(entry.reconstruction_json)
+                if entry.reconstruction_json
+                else None
+            )
+        except (ValueError, ValidationError) as exc:
+            txn = self._txn(durable=True)
+            txn.inbox_done.append(entry.seq)
+            self._emit_input(txn, "rejected", utcnow(), reason=f"unreadable inbox entry: {exc}")
+            await self._commit(txn)
+            return
+        if input.id in self._entries:  # already ingested (a retried ingest)
+            txn = self._txn(durable=True)
+            txn.inbox_done.append(entry.seq)
+            await self._commit(txn)
+            return
+        outcome, _ = await self.accept(input, reconstruction_source=source, from_inbox=entry.seq)
+        if isinstance(outcome, Rejected):
+            now = utcnow()
+            txn = self._txn(durable=True)
+            txn.inbox_done.append(entry.seq)
+            state = InputState.new_accepted(input.id, now)
+            state.durability = input.header.durability
+            state.idempotency_key = input.header.idempotency_key
+            state.persisted_input = input
+            placeholder = _placeholder_entry(state)
+            placeholder.input = input
+            self._entries[input.id] = placeholder
+            self._nonterminal += 1
+            txn.touch(state)
+            self._emit_input(txn, "accepted", now, input_id=input.id)
+            reason = {
+                RuntimeState.RETIRED: InputAbandonReason.RETIRED,
+                RuntimeState.DESTROYED: InputAbandonReason.DESTROYED,
+            }.get(self.state, InputAbandonReason.FAILED)
+            self._abandon(txn, placeholder, reason, now, outcome.reason)
+            await self._commit(txn)
+
+    # ------------------------------------------------------------------ recovery (S7)
+
+    async def recover(self, loaded: LoadedRuntime) -> dict[str, int]:
+        """Rebuild this instance from the store, exactly as S7 orders it, then start the loop.
+
+        (0) stored state (running -> idle; retired, destroyed kept); (1) durable input states;
+        (2) derived inputs rebuilt (S13); (3) queue, dedup, supersession and coalescing
+        indexes; (4) reconcile: accepted -> queued; staged -> applied (a receipt lists it) or
+        back to the front of the queue; applied inputs get a continuation (S5); ephemeral
+        inputs are lost and reported; every staged or applied input counts an attempt (S4);
+        (5) recovery_count bumped and one summary event; (6) the loop starts.
+        """
+        self._ready.clear()
+        now = utcnow()
+        self._next_seq = loaded.last_seq + 1
+        self.generation = loaded.generation or self.generation
+        txn = self._txn(durable=True)
+        txn.recovered = True
+        stored = loaded.state or RuntimeState.IDLE
+        src = self.state
+        self.state = RuntimeState.RECOVERING
+        self._emit(txn, "recovery", {"code": "started", "runtime_id": self.runtime_id}, now)
+        # (0)
+        target: RuntimeState = RuntimeState.IDLE
+        if stored in (RuntimeState.RETIRED, RuntimeState.DESTROYED):
+            target = stored
+        self.conversation = Conversation(rows=list(loaded.conversation))
+        self.runs.update(loaded.runs)
+        for run in loaded.runs.values():
+            if run.status == "running":  # the process died during this run
+                run.status = "failed"
+                run.error = "the process stopped during this run; recovered"
+                txn.runs.append(run)
+        # (1) and (3)
+        for rec in loaded.idempotency:
+            self._idem[rec.key] = (rec.input_id, rec.content_hash, rec.accepted_at)
+        lost = rebuilt = recovered = continuations = 0
+        staged_back: list[_Entry] = []
+        for st in loaded.inputs:
+            if st.input_id in self._entries or st.is_terminal:
+                continue
+            inp = st.persisted_input
+            policy = st.policy.decision if st.policy is not None else None
+            if inp is None or policy is None:
+                placeholder = _placeholder_entry(st)
+                self._entries[st.input_id] = placeholder
+                self._nonterminal += 1
+                self._abandon(
+                    txn,
+                    placeholder,
+                    InputAbandonReason.RECOVERY_FAILED,
+                    now,
+                    "stored state has no payload or policy to rebuild it from",
+                )
+                lost += 1
+                continue
+            kind = kind_id(inp)
+            et = inp.event_type if isinstance(inp, ExternalEventInput) else None
+            wakes = self.policy_table.resolve(kind, True, et).wakes
+            entry = _Entry(inp, st, policy, wakes, kind)
+            entry.order = loaded.queue_orders.get(st.input_id, 0)
+            self._entries[st.input_id] = entry
+            self._nonterminal += 1
+            st.recovery_count += 1
+            txn.touch(st)
+            recovered += 1
+            key = inp.header.supersession_key
+            if key is not None and st.current_state in (IS.ACCEPTED, IS.QUEUED):
+                self._scopes.setdefault((kind, key.value), []).append(st.input_id)
+        # (4) reconcile, in stored queue order
+        for entry in sorted(self._entries.values(), key=lambda e: e.order):
+            st = entry.state
+            if st.is_terminal:
+                continue
+            iid = st.input_id
+            if entry.input.header.durability is InputDurability.EPHEMERAL:
+                self._abandon(
+                    txn,
+                    entry,
+                    InputAbandonReason.RECOVERY_FAILED,
+                    now,
+                    "ephemeral input lost when its process stopped",
+                )
+                lost += 1
+                continue
+            cur = st.current_state
+            if cur is IS.ACCEPTED:
+                self._transition(txn, entry, IS.QUEUED, now, "recovery: accepted -> queued")
+                self._enqueue(entry, txn)
+            elif cur is IS.QUEUED:
+                self._enqueue(entry, txn)
+            elif cur is IS.STAGED:
+                st.attempt_count += 1
+                if st.last_run_id is not None and (st.last_run_id, iid) in loaded.receipted:
+                    self._transition(txn, entry, IS.APPLIED, now, "recovery: receipt found")
+                    self._transition(txn, entry, IS.APPLIED_PENDING_CONSUMPTION, now)
+                else:
+                    self._transition(txn, entry, IS.QUEUED, now, "recovery: staged, no receipt")
+                    staged_back.append(entry)
+            elif cur is IS.APPLIED:
+                st.attempt_count += 1
+                self._transition(txn, entry, IS.APPLIED_PENDING_CONSUMPTION, now)
+            elif cur is IS.APPLIED_PENDING_CONSUMPTION:
+                st.attempt_count += 1
+            if st.current_state is IS.APPLIED_PENDING_CONSUMPTION:
+                cp = entry.policy.effective_consume_point
+                if st.attempt_count >= self.config.max_attempts:
+                    self._abandon(
+                        txn,
+                        entry,
+                        InputAbandonReason.RETRY_BUDGET_EXCEEDED,
+                        now,
+                        "the process stopped during its runs too many times",
+                    )
+                elif cp is not ConsumePoint.EXPLICIT_ACK:
+                    self._pending_consumption[iid] = None
+            elif cur is IS.STAGED and st.attempt_count >= self.config.max_attempts:
+                self._abandon(
+                    txn,
+                    entry,
+                    InputAbandonReason.RETRY_BUDGET_EXCEEDED,
+                    now,
+                    "the process stopped during its runs too many times",
+                )
+        if staged_back:
+            live = [e for e in staged_back if not e.state.is_terminal]
+            self._queue.push_front([(e.state.input_id, e.priority) for e in live])
+            self._waking += sum(1 for e in live if e.wakes)
+            for e in reversed(live):
+                self._order_front -= 1
+                e.order = self._order_front
+                txn.queue_orders[e.state.input_id] = e.order
+        self._order_back = max([self._order_back, *(e.order for e in self._entries.values())])
+        self._order_front = min([self._order_front, *(e.order for e in self._entries.values())])
+        # (2) derived inputs, now that the queue exists
+        rebuilt = self._rebuild_derived(txn, now, loaded.sources)
+        if self._pending_consumption:
+            self._continuation_pending = True
+            continuations = 1
+        if target is RuntimeState.DESTROYED:
+            self._abandon_all(txn, InputAbandonReason.DESTROYED, now)
+        elif target is RuntimeState.RETIRED:
+            self._abandon_all(txn, InputAbandonReason.RETIRED, now, {IS.ACCEPTED, IS.QUEUED})
+        self.state = target
+        txn.runtime_state = target
+        self._emit(txn, "runtime_state_change", {"from": src.value, "to": target.value}, now)
+        report = {
+            "inputs_recovered": recovered,
+            "inputs_lost": lost,
+            "inputs_rebuilt": rebuilt,
+            "continuations": continuations,
+        }
+        self._emit(
+            txn, "recovery", {"code": "completed", "runtime_id": self.runtime_id, **report}, now
+        )
+        try:
+            await self._commit(txn)
+        finally:
+            self._ready.set()
+        crashpoint("recovery.after")
+        self._kick()
+        return report
 
     # ------------------------------------------------------------------ control (S8)
 
@@ -1396,7 +1586,7 @@ class SessionRuntime:
         now = utcnow()
         txn = self._txn(durable=True)
         self.generation += 1
-        txn.generation = self.generation
+        txn.next_generation = self.generation
         dropped = 0
         for e in list(self._entries.values()):
             if e.state.is_terminal or e.state.current_state not in (IS.ACCEPTED, IS.QUEUED):
@@ -1428,7 +1618,9 @@ class SessionRuntime:
         kept = sum(1 for e in self._entries.values() if not e.state.is_terminal)
         return {"inputs_transferred": kept, "inputs_dropped": dropped, "inputs_rebuilt": rebuilt}
 
-    def _rebuild_derived(self, txn: Txn, now: datetime) -> int:
+    def _rebuild_derived(
+        self, txn: Txn, now: datetime, sources: dict[InputId, InputState] | None = None
+    ) -> int:
         n = 0
         for e in list(self._entries.values()):
             st = e.state
@@ -1436,7 +1628,7 @@ class SessionRuntime:
                 continue
             if e.input.header.durability is not InputDurability.DERIVED:
                 continue
-            new_input = self._rebuild(e)
+            new_input = self._rebuild(e, sources or {})
             if new_input is None:
                 self._abandon(
                     txn,
@@ -1466,12 +1658,12 @@ class SessionRuntime:
             self._emit_input(
                 txn, "superseded", now, input_id=st.input_id, superseded_by=new_input.id
             )
-            self._insert_after(new_entry, before)
+            self._insert_after(txn, new_entry, before)
             self._emit_input(txn, "queued", now, input_id=new_input.id)
             n += 1
         return n
 
-    def _rebuild(self, e: _Entry) -> Input | None:
+    def _rebuild(self, e: _Entry, stored: dict[InputId, InputState]) -> Input | None:
         src = e.state.reconstruction_source
         if isinstance(src, ProjectionSource):
             fn = self.rebuilders.projection.get(src.rule_id)
@@ -1486,7 +1678,12 @@ class SessionRuntime:
                 )
             return rebuilt
         if isinstance(src, CoalescingSource):
-            sources = [self._entries[i].input for i in src.source_input_ids if i in self._entries]
+            sources: list[Input] = []
+            for i in src.source_input_ids:
+                if i in self._entries:
+                    sources.append(self._entries[i].input)
+                elif i in stored and stored[i].persisted_input is not None:
+                    sources.append(stored[i].persisted_input)  # type: ignore[arg-type]
             if len(sources) != len(src.source_input_ids) or not sources:
                 return None
             agg = _aggregate_input(sources)
@@ -1597,6 +1794,77 @@ class SessionRuntime:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+_source_adapter: TypeAdapter[ReconstructionSource] = TypeAdapter(ReconstructionSource)
+
+
+def validate_input(
+    raw: Any, max_bytes: int, reconstruction_source: ReconstructionSource | None
+) -> tuple[Input, ReconstructionSource | None] | Rejected:
+    """The checks of accept that need no runtime state (S13, S14): parse, size, durability.
+
+    Returns the input and its reconstruction source (inferred for projected inputs), or the
+    rejection. Pure, so a process that does not own the runtime can run it before writing to
+    the inbox.
+    """
+    if isinstance(raw, (str, bytes)):
+        size = len(raw.encode("utf-8") if isinstance(raw, str) else raw)
+        if size > max_bytes:
+            return _too_large(size, max_bytes)
+        try:
+            input = parse_input(raw)
+        except ValueError as exc:
+            return Rejected(reason=str(exc), code=RejectCode.INVALID)
+    else:
+        if isinstance(raw, _INPUT_TYPES):
+            input = raw
+        else:
+            try:
+                input = parse_input(raw)
+            except ValueError as exc:
+                return Rejected(reason=str(exc), code=RejectCode.INVALID)
+        size = len(input.to_json().encode("utf-8"))
+        if size > max_bytes:
+            return _too_large(size, max_bytes)
+    err = validate_durability(input)
+    if err is not None:
+        return Rejected(reason=str(err), code=RejectCode.INVALID_DURABILITY)
+    if input.header.durability is InputDurability.DERIVED and reconstruction_source is None:
+        if not isinstance(input, ProjectedInput):
+            return Rejected(
+                reason="derived inputs must be accepted with a reconstruction_source "
+                "(projection{rule_id, source_event_id} or coalescing{source_input_ids})",
+                code=RejectCode.INVALID_DURABILITY,
+            )
+        reconstruction_source = ProjectionSource(
+            rule_id=input.rule_id, source_event_id=input.source_event_id
+        )
+    return input, reconstruction_source
+
+
+def _too_large(size: int, limit: int) -> Rejected:
+    return Rejected(
+        reason=f"input is {size} bytes; the limit is {limit} bytes", code=RejectCode.TOO_LARGE
+    )
+
+
+def _placeholder_entry(st: InputState) -> _Entry:
+    """An entry for a stored state that cannot be rebuilt (no payload or policy)."""
+    inp = PromptInput.new("")
+    policy = PolicyDecision(
+        apply_mode=ApplyMode.IGNORE,
+        wake_mode=WakeMode.NONE,
+        queue_mode=QueueMode.NONE,
+        consume_point=ConsumePoint.ON_ACCEPT,
+        policy_version=0,
+    )
+    return _Entry(inp, st, policy, False, "unknown")
+
+
+def _ignore_result(fut: Awaitable[None]) -> None:
+    if isinstance(fut, asyncio.Future):
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 def _via(aggregate_id: InputId, input_id: InputId, outcome: Any) -> Any:

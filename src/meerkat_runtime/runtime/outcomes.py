@@ -121,6 +121,34 @@ WaitOutcome = Annotated[
 wait_outcome_adapter: TypeAdapter[WaitOutcome] = TypeAdapter(WaitOutcome)
 
 
+def outcome_of(state: InputState, run: Any) -> WaitOutcome | InputId | None:
+    """S12 as a pure function: the waiter outcome of ``state`` given the record of its last run
+    (``RunRecord`` or None). Returns the aggregate's id for a coalesced input (its outcome is
+    the aggregate's), and None while the input (or the run that consumed it) is unfinished.
+    The same function answers in process and from the store, so both agree."""
+    if not state.is_terminal:
+        return None
+    iid = state.input_id
+    out = state.terminal_outcome
+    status = getattr(run, "status", None)
+    if out is None or out.outcome_type == "consumed":
+        if status == "running":
+            return None  # consumed at its boundary; answered when its run ends
+        if status == "cancelled":
+            return CancelledWait(input_id=iid)
+        result = getattr(run, "result", None)
+        if result is not None:
+            return CompletedWait(input_id=iid, result=result)
+        return CompletedWithoutResultWait(input_id=iid)
+    if out.outcome_type == "superseded":
+        return SupersededWait(input_id=iid, superseded_by=out.superseded_by)
+    if out.outcome_type == "coalesced":
+        return out.aggregate_id
+    if out.reason is InputAbandonReason.CANCELLED and status in (None, "cancelled"):
+        return CancelledWait(input_id=iid)
+    return AbandonedWait(input_id=iid, reason=out.reason, error=out.error)
+
+
 def with_via(outcome: Any, aggregate_id: InputId, input_id: InputId) -> Any:
     """The aggregate's outcome as seen by one of its coalesced sources."""
     return outcome.model_copy(update={"via_aggregate_id": aggregate_id, "input_id": input_id})

@@ -1,1 +1,102 @@
-"""Stores behind one protocol. Memory now; SQLite and PostgreSQL join with their issues."""
+"""Stores behind one protocol (``base.RuntimeStore``): memory and SQLite in this build.
+
+``open_store(url)`` picks the implementation from a URL and returns it *not yet opened*
+(``await store.open()`` creates or migrates the schema). Accepted forms:
+
+- ``None``: SQLite at ``default_state_path()``;
+- ``memory://``: the in-memory store (tests, throwaway runs);
+- ``sqlite:///relative/path.db`` (three slashes: relative to the working directory) and
+  ``sqlite:////absolute/path.db`` (four slashes), the SQLAlchemy convention;
+- a bare filesystem path ending in ``.db``, ``.sqlite`` or ``.sqlite3``.
+
+``postgresql://`` URLs are recognised and refused: PostgreSQL is not in this build.
+
+The implementations are imported lazily so that importing ``meerkat_runtime.store.base`` (as
+the runtime does) never drags in the stores, and no import cycle can form.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .base import StoreError
+
+if TYPE_CHECKING:
+    from .base import RuntimeStore
+
+__all__ = ["default_state_path", "open_store"]
+
+_SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+
+_ACCEPTED_FORMS = (
+    "memory://, sqlite:///relative/path.db, sqlite:////absolute/path.db, "
+    "a file path ending in .db, .sqlite or .sqlite3, or nothing for the default "
+    "database"
+)
+
+
+def default_state_path() -> Path:
+    """``$MEERKAT_STATE_DIR/meerkat.db``, else ``~/.local/share/meerkat/meerkat.db``.
+
+    Nothing is created here; the SQLite store creates the directory when it is opened.
+    """
+    state_dir = os.environ.get("MEERKAT_STATE_DIR")
+    if state_dir:
+        return Path(state_dir).expanduser() / "meerkat.db"
+    return Path.home() / ".local" / "share" / "meerkat" / "meerkat.db"
+
+
+def open_store(url: str | None) -> RuntimeStore:
+    """The store for ``url`` (see the module docstring for the accepted forms), not opened.
+
+    Raises ``StoreError`` for a URL it cannot serve, saying which forms it accepts.
+    """
+    from .memory import MemoryStore
+    from .sqlite import SqliteStore
+
+    if url is None:
+        return SqliteStore(default_state_path())
+    text = url.strip()
+    if not text:
+        raise StoreError(f"store URL is empty; use one of: {_ACCEPTED_FORMS}")
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        scheme = scheme.lower()
+        if scheme == "memory":
+            return MemoryStore(text)
+        if scheme == "sqlite":
+            return SqliteStore(_sqlite_path(text, rest), url=text)
+        if scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
+            raise StoreError(
+                f"store URL {url!r}: PostgreSQL support is not in this build; "
+                f"use SQLite (the default) or one of: {_ACCEPTED_FORMS}"
+            )
+        raise StoreError(
+            f"store URL {url!r}: unknown scheme {scheme!r}; use one of: {_ACCEPTED_FORMS}"
+        )
+    if text.lower().endswith(_SQLITE_SUFFIXES):
+        return SqliteStore(Path(text).expanduser())
+    raise StoreError(f"store URL {url!r} is not understood; use one of: {_ACCEPTED_FORMS}")
+
+
+def _sqlite_path(url: str, rest: str) -> Path:
+    """``rest`` is what follows ``sqlite://``: ``/relative.db`` or ``//absolute.db``."""
+    if not rest.startswith("/"):
+        raise StoreError(
+            f"store URL {url!r}: a SQLite URL has no host; write sqlite:///relative/path.db "
+            "or sqlite:////absolute/path.db"
+        )
+    path = rest[1:]
+    if not path:
+        raise StoreError(
+            f"store URL {url!r} names no file; write sqlite:///relative/path.db or "
+            "sqlite:////absolute/path.db"
+        )
+    if path == ":memory:":
+        raise StoreError(
+            f"store URL {url!r}: an in-memory SQLite database cannot be shared between the "
+            "store's threads; use memory:// instead"
+        )
+    return Path(path).expanduser()
