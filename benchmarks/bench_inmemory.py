@@ -242,13 +242,11 @@ FULL = Sizes(
     reps=5,
     accept_n=10_000,
     runs_1_n=1_000,
-    runs_100_n=5_000,
-    closed_n=3_000,
+    runs_100_n=3_000,
+    closed_n=2_000,
     latency_n=10_000,
 )
-QUICK = Sizes(
-    reps=3, accept_n=3_000, runs_1_n=500, runs_100_n=2_000, closed_n=1_000, latency_n=3_000
-)
+QUICK = Sizes(reps=3, accept_n=2_000, runs_1_n=300, runs_100_n=1_000, closed_n=500, latency_n=2_000)
 
 
 def measure(fn: Callable[[], Coroutine[Any, Any, Any]], reps: int, no_gc: bool) -> list[Any]:

@@ -45,10 +45,10 @@ from .errors import (
 from .runtime.driver import Rebuilders, RuntimeConfig, SessionRuntime, validate_input
 from .runtime.events import RuntimeEventEnvelope
 from .runtime.input_state import InputState, ReconstructionSource
-from .runtime.inputs import ExternalEventInput, Input, content_hash, kind_id
+from .runtime.inputs import ExternalEventInput, Input, content_hash, kind_id, parse_input
 from .runtime.outcomes import (
-    AcceptOutcome,
     Accepted,
+    AcceptOutcome,
     Deduplicated,
     RejectCode,
     Rejected,
@@ -364,12 +364,12 @@ class Runtime:
         """This process's runtime for the session, taking the lease and recovering it from
         the store on first use (S7, S10); None while another live process owns it."""
         rt = self._runtimes.get(session_id)
-        if rt is not None and rt.failure is None and rt.state is not RuntimeState.STOPPED:
-            return rt
+        if rt is not None and rt.failure is None:
+            return rt  # a stopped instance stays stopped until the next Runtime opens (S8)
         lock = self._load_locks.setdefault(session_id, asyncio.Lock())
         async with lock:
             rt = self._runtimes.get(session_id)
-            if rt is not None and rt.failure is None and rt.state is not RuntimeState.STOPPED:
+            if rt is not None and rt.failure is None:
                 return rt
             self._check_open()
             await self.start()
@@ -404,13 +404,13 @@ class Runtime:
     async def _maintain(self) -> None:
         """Renew leases, ingest inbox entries other processes wrote, drop instances that
         stopped on a store failure (their next use recovers from the store)."""
-        last_renew = time.monotonic()
+        last_renew = last_prune = time.monotonic()
         while True:
             await asyncio.sleep(self.poll_interval)
             try:
                 for sid, rt in list(self._runtimes.items()):
-                    if rt.failure is not None or rt.state is RuntimeState.STOPPED:
-                        self._runtimes.pop(sid, None)
+                    if rt.failure is not None:
+                        self._runtimes.pop(sid, None)  # its next use recovers from the store
                 now = time.monotonic()
                 if now - last_renew >= self.lease_ttl / 3:
                     last_renew = now
@@ -421,6 +421,9 @@ class Runtime:
                         if not ok:
                             rt.stop("lease lost: another process owns this session now")
                             self._runtimes.pop(sid, None)
+                if now - last_prune >= self.config.prune_interval:
+                    last_prune = now
+                    await self.prune()
                 token = await self.store.change_token()
                 if token != self._token:
                     self._token = token
@@ -430,6 +433,16 @@ class Runtime:
                 raise
             except Exception as exc:
                 log.error("runtime maintenance failed: %s", exc)
+
+    async def prune(self) -> dict[str, int]:
+        """S18: delete terminal inputs, receipts, runs and idempotency keys older than the
+        retention window, and events beyond the last ``event_retention`` per runtime, in
+        batches. Nothing non-terminal is ever deleted. Runs every ``prune_interval``."""
+        await self.start()
+        return await self.store.prune(
+            older_than=utcnow() - self.config.retention_window,
+            keep_events=self.config.event_retention,
+        )
 
     # ------------------------------------------------------------------ inputs
 
@@ -468,7 +481,9 @@ class Runtime:
             )
         rt = await self._owned(session_id)
         if rt is not None:
-            outcome, fut = await rt.accept(raw, reconstruction_source=source, register_waiter=waiter)
+            outcome, fut = await rt.accept(
+                raw, reconstruction_source=source, register_waiter=waiter
+            )
             return CompletionHandle(outcome, fut)
         outcome = await self._accept_remote(session_id, raw, source)
         if isinstance(outcome, Rejected):
@@ -499,9 +514,7 @@ class Runtime:
             None if source is None else source.model_dump_json(),
             created_at=now,
         )
-        verdict, existing = await self.store.inbox_push(
-            entry, idem, self.config.max_pending_inputs
-        )
+        verdict, existing = await self.store.inbox_push(entry, idem, self.config.max_pending_inputs)
         if verdict == "deduplicated" and existing is not None:
             return Deduplicated(input_id=input.id, existing_id=existing)
         if verdict == "conflict":
@@ -543,14 +556,19 @@ class Runtime:
                 if iid in rt._entries:
                     fut = rt.register_waiter(iid)
                     outcome: WaitOutcome = await asyncio.shield(fut)
-                    if isinstance(outcome, TerminatedWait) and not self._closed:
-                        continue  # the instance stopped (e.g. a store fault): follow the input
+                    stopped_on_fault = (
+                        isinstance(outcome, TerminatedWait) and rt.failure is not None
+                    )
+                    if stopped_on_fault and not self._closed:
+                        continue  # stopped on a store fault: follow the input (reload)
                     return outcome
             stored = await self._outcome_from_store(session_id, iid)
             if stored is not None:
                 return stored
-            if rt is not None and iid not in rt._entries and not await self._in_inbox(
-                session_id, iid
+            if (
+                rt is not None
+                and iid not in rt._entries
+                and not await self._in_inbox(session_id, iid)
             ):
                 raise InputNotFoundError(str(iid), f"session {session_id}")
             await asyncio.sleep(self.poll_interval)
@@ -584,9 +602,16 @@ class Runtime:
             return rt.input_state(iid)
         await self.start()
         st = await self.store.load_input_state(session_id, iid)
-        if st is None:
-            raise InputNotFoundError(str(iid), f"session {session_id}")
-        return st
+        if st is not None:
+            return st
+        for e in await self.store.inbox_entries(session_id, limit=10_000):
+            if f'"id":"{iid}"' in e.input_json:
+                # acknowledged into the inbox, not yet ingested by the owner: accepted
+                inbox_state = InputState.new_accepted(iid, e.created_at or utcnow())
+                inbox_state.persisted_input = parse_input(e.input_json)
+                inbox_state.durability = inbox_state.persisted_input.header.durability
+                return inbox_state
+        raise InputNotFoundError(str(iid), f"session {session_id}")
 
     def input_state(self, session_id: str, input_id: InputId | str) -> InputState:
         iid = input_id if isinstance(input_id, InputId) else InputId(input_id)

@@ -1371,6 +1371,9 @@ async def test_s15_resume_past_retention_yields_events_gap_first() -> None:
             await (await submit(rt, sid, prompt(f"m{i}"))).wait(1)
         last = rt.runtime(sid).last_seq
         assert last > 40
+        # the store keeps every event until a pruning pass (S18) applies the retention
+        assert (await all_events(rt, sid))[0].seq == 1
+        await rt.prune()
         evs = await all_events(rt, sid)
         gap = evs[0]
         assert gap.event["category"] == "stream"

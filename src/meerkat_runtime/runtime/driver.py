@@ -130,7 +130,9 @@ class RuntimeConfig:
     backoff_base: float = 0.5  # S4: first retry after this many seconds, doubling
     backoff_max: float = 30.0
     idempotency_window: timedelta = field(default_factory=lambda: timedelta(days=7))  # S11
-    event_retention: int = 10_000  # S15
+    event_retention: int = 10_000  # S15: events kept per runtime (memory ring and store)
+    retention_window: timedelta = field(default_factory=lambda: timedelta(days=7))  # S18
+    prune_interval: float = 60.0  # S18: seconds between pruning passes
     recovery_accept_wait: float = 5.0  # S7
     shutdown_grace: float = 10.0  # S19
 
@@ -1279,10 +1281,24 @@ class SessionRuntime:
         inputs are lost and reported; every staged or applied input counts an attempt (S4);
         (5) recovery_count bumped and one summary event; (6) the loop starts.
         """
-        self._ready.clear()
         now = utcnow()
         self._next_seq = loaded.last_seq + 1
         self.generation = loaded.generation or self.generation
+        self.conversation = Conversation(rows=list(loaded.conversation))
+        self.runs.update(loaded.runs)
+        for rec in loaded.idempotency:
+            self._idem[rec.key] = (rec.input_id, rec.content_hash, rec.accepted_at)
+        stored_state = loaded.state or RuntimeState.IDLE
+        if not loaded.inputs and stored_state in (RuntimeState.IDLE, RuntimeState.RUNNING):
+            # nothing was pending: there is nothing to reconcile, and nothing to report
+            self.state = RuntimeState.IDLE
+            return {
+                "inputs_recovered": 0,
+                "inputs_lost": 0,
+                "inputs_rebuilt": 0,
+                "continuations": 0,
+            }
+        self._ready.clear()
         txn = self._txn(durable=True)
         txn.recovered = True
         stored = loaded.state or RuntimeState.IDLE
@@ -1293,16 +1309,12 @@ class SessionRuntime:
         target: RuntimeState = RuntimeState.IDLE
         if stored in (RuntimeState.RETIRED, RuntimeState.DESTROYED):
             target = stored
-        self.conversation = Conversation(rows=list(loaded.conversation))
-        self.runs.update(loaded.runs)
         for run in loaded.runs.values():
             if run.status == "running":  # the process died during this run
                 run.status = "failed"
                 run.error = "the process stopped during this run; recovered"
                 txn.runs.append(run)
         # (1) and (3)
-        for rec in loaded.idempotency:
-            self._idem[rec.key] = (rec.input_id, rec.content_hash, rec.accepted_at)
         lost = rebuilt = recovered = continuations = 0
         staged_back: list[_Entry] = []
         for st in loaded.inputs:
@@ -1412,7 +1424,8 @@ class SessionRuntime:
             self._abandon_all(txn, InputAbandonReason.RETIRED, now, {IS.ACCEPTED, IS.QUEUED})
         self.state = target
         txn.runtime_state = target
-        self._emit(txn, "runtime_state_change", {"from": src.value, "to": target.value}, now)
+        if target is not src:
+            self._emit(txn, "runtime_state_change", {"from": src.value, "to": target.value}, now)
         report = {
             "inputs_recovered": recovered,
             "inputs_lost": lost,

@@ -237,6 +237,8 @@ class MemoryStore:
             self.runtime_states[rid] = txn.runtime_state
         if txn.recovered:
             row.recovery_count += 1
+        if txn.next_generation is not None:
+            row.generation = txn.next_generation
         if txn.events:
             self.events[rid].extend(e.model_copy(deep=True) for e in txn.events)
             row.last_seq = max(row.last_seq, txn.events[-1].seq)

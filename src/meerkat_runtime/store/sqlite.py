@@ -18,9 +18,11 @@ Threads (the event loop never touches SQLite):
 
 Invariants kept here (beyond those of ``base.py``):
 
-- ``submit`` runs on the event loop thread and never blocks: it encodes the transaction (a
-  copy, as a disk would keep, so later changes to the live objects cannot leak in), puts it
-  on the queue and returns an ``asyncio.Future``.
+- ``submit`` runs on the event loop thread and never blocks: it takes a cheap snapshot of
+  the transaction (so the runtime's later changes to its live objects cannot leak in), puts
+  it on the queue and returns an ``asyncio.Future``. The writer thread encodes snapshots to
+  JSON before it opens the batch's transaction, so the loop never pays for encoding and the
+  write lock is not held for it.
 - Commit order is submission order: one writer, one FIFO queue, savepoints in queue order.
 - Fencing is checked in SQL inside the job's savepoint before it writes anything: the
   runtime row's ``generation`` must equal ``txn.generation`` once the runtime was leased
@@ -54,7 +56,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
@@ -199,6 +201,7 @@ class _TxnRows:
     runs: list[tuple[Any, ...]] = field(default_factory=list)
     state: str | None = None
     recovered: bool = False
+    next_generation: int | None = None
     inbox_done: list[tuple[str, int]] = field(default_factory=list)
     events: list[tuple[Any, ...]] = field(default_factory=list)
 
@@ -261,6 +264,7 @@ def _encode_txn(txn: Txn) -> _TxnRows:
     if txn.runtime_state is not None and txn.runtime_state is not RuntimeState.STOPPED:
         t.state = txn.runtime_state.value
     t.recovered = txn.recovered
+    t.next_generation = txn.next_generation
     t.inbox_done = [(rid, seq) for seq in txn.inbox_done]
     last = None
     for ev in txn.events:
@@ -363,11 +367,56 @@ def _apply_txn(conn: sqlite3.Connection, t: _TxnRows) -> None:
         )
     if t.inbox_done:
         conn.executemany("DELETE FROM inbox WHERE runtime_id = ? AND seq = ?", t.inbox_done)
+    if t.next_generation is not None:
+        conn.execute(
+            "UPDATE runtimes SET generation = ? WHERE runtime_id = ?", (t.next_generation, rid)
+        )
     conn.execute(
         "UPDATE runtimes SET state = COALESCE(?, state), recovery_count = recovery_count + ?,"
         " last_event_seq = MAX(last_event_seq, ?), updated_at = ? WHERE runtime_id = ?",
         (t.state, int(t.recovered), t.events[-1][1] if t.events else 0, t.now, rid),
     )
+
+
+def _snapshot(txn: Txn) -> Txn:
+    """What ``txn`` holds now, safe from the runtime's later changes to its live objects."""
+    return Txn(
+        txn.runtime_id,
+        txn.generation,
+        durable=txn.durable,
+        states={k: v.clone() for k, v in txn.states.items()},
+        queue_orders=dict(txn.queue_orders),
+        idempotency=list(txn.idempotency),
+        rows=list(txn.rows),
+        conversation_reset=txn.conversation_reset,
+        receipts=list(txn.receipts),
+        runs=[replace(r) for r in txn.runs],
+        runtime_state=txn.runtime_state,
+        recovered=txn.recovered,
+        next_generation=txn.next_generation,
+        inbox_done=list(txn.inbox_done),
+        events=list(txn.events),
+    )
+
+
+class _TxnJob:
+    """A submitted transaction: encoded by ``prepare`` (writer thread, before BEGIN), then
+    applied inside its savepoint."""
+
+    __slots__ = ("rows", "txn")
+
+    def __init__(self, txn: Txn) -> None:
+        self.txn = txn
+        self.rows: _TxnRows | None = None
+
+    def prepare(self) -> None:
+        if self.rows is None:
+            self.rows = _encode_txn(self.txn)
+
+    def __call__(self, conn: sqlite3.Connection) -> None:
+        self.prepare()
+        assert self.rows is not None
+        _apply_txn(conn, self.rows)  # looked up at run time (tests inject faults here)
 
 
 # ------------------------------------------------------------------------------ decoding
@@ -610,6 +659,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
     is_txn: bool = False
+    prepare: Callable[[], None] | None = None  # CPU work done before BEGIN (encoding)
 
 
 def _settle(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
@@ -878,6 +928,17 @@ class SqliteStore:
         fresh transaction (jobs are pure database work, so running one again is safe); if
         that one is abandoned too, or COMMIT fails, every job of it fails.
         """
+        unprepared: dict[int, BaseException] = {}
+        for job in batch:
+            if job.prepare is not None:
+                try:
+                    job.prepare()
+                except BaseException as exc:  # e.g. cannot encode: only this job fails
+                    unprepared[id(job)] = self._error(exc)
+        if unprepared:
+            ready = [j for j in batch if id(j) not in unprepared]
+            done = {id(o[0]): o for o in self._commit_batch(conn, ready, retry)} if ready else {}
+            return [done.get(id(j), (j, None, unprepared.get(id(j)))) for j in batch]
         out: list[tuple[_Job, Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -996,21 +1057,23 @@ class SqliteStore:
     # ---------------------------------------------------------------- commit
 
     def submit(self, txn: Txn) -> asyncio.Future[None]:
-        """Encode ``txn`` now (a copy) and queue it for the writer; the future resolves after
-        the COMMIT that made it durable, or fails with FencedError / StoreError."""
+        """Snapshot ``txn`` and queue it for the writer; the future resolves after the COMMIT
+        that made it durable, or fails with FencedError / StoreError.
+
+        Cheap on the event loop: the snapshot clones the input states and run records (the
+        objects the runtime keeps changing) and copies the lists; conversation rows, receipts,
+        idempotency records and events are immutable once handed over. The writer thread
+        encodes the snapshot to JSON before it opens the batch's transaction.
+        """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         try:
             self._check_open()
-            rows = _encode_txn(txn)
+            job = _TxnJob(_snapshot(txn))
         except BaseException as exc:
             fut.set_exception(self._error(exc))
             return fut
-
-        def job(conn: sqlite3.Connection) -> None:
-            _apply_txn(conn, rows)  # looked up at run time (tests inject faults here)
-
-        self._wq.put(_Job(job, loop, fut, is_txn=True))
+        self._wq.put(_Job(job, loop, fut, is_txn=True, prepare=job.prepare))
         return fut
 
     # ---------------------------------------------------------------- sessions

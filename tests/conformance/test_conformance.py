@@ -1,8 +1,18 @@
-"""The design's conformance list (spec §5) against the in-memory store.
+"""The design's conformance list (spec §5), run against every store.
 
-Cases 1-10, 17 and 18; the crash cases (11-16) live with the crash suite. Every case goes
+Cases 1-10, 17 and 18; the crash cases (11-16) live with the crash suite. Every test runs once
+per store (``store_factory``: ``[memory]`` and ``[sqlite]``, see ``conftest.py``). Every case goes
 through the public ``Runtime`` API and checks both what callers see (outcomes, waiters) and
-what the store holds.
+what the store holds, read back through the store protocol (``load_input_state``,
+``load_input_states``, ``load_conversation``, ``load_runtime``), never through one store's
+internals.
+
+Reading the store: where the API promises durability when it returns (``accept`` of a durable
+input, ``retire``, ``reset``, a waiter's outcome) the store is read at once; where work ends
+asynchronously (a run's completion after ``settle``) the test first waits for every
+transaction the runtime submitted (``flushed``), since the SQLite store commits on its own
+thread. ``test_restart_keeps_pending_input`` closes a Runtime and opens a new one on the same
+store.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from meerkat_runtime import (
     RuntimeState,
     SystemGeneratedInput,
 )
-from meerkat_runtime.runtime.input_state import CoalescingSource, ProjectionSource
+from meerkat_runtime.runtime.input_state import CoalescingSource, InputState, ProjectionSource
 from meerkat_runtime.runtime.inputs import (
     InputDurability,
     ResponseProgressConvention,
@@ -41,8 +51,8 @@ from meerkat_runtime.runtime.outcomes import (
     Rejected,
     SupersededWait,
 )
-from meerkat_runtime.runtime.policy import default_policy_table
-from meerkat_runtime.store.memory import MemoryStore
+from meerkat_runtime.runtime.policy import PolicyRow, PolicyTable, default_policy_table
+from tests.conformance.stores import ProbeStore, StoreFactory
 from tests.helpers import ScriptedExecutor, settle
 
 IS = InputLifecycleState
@@ -54,8 +64,14 @@ CONFIG = RuntimeConfig(backoff_base=0.01, shutdown_grace=0.05)
 
 
 @asynccontextmanager
-async def open_runtime(store: MemoryStore | None = None, **kw: Any) -> AsyncIterator[Runtime]:
-    rt = Runtime(store or MemoryStore(), config=kw.pop("config", CONFIG), **kw)
+async def open_runtime(
+    store_factory: StoreFactory, store: Any = None, **kw: Any
+) -> AsyncIterator[Runtime]:
+    """A Runtime over ``store`` (default: a fresh store of the test's kind), wrapped in a
+    ``ProbeStore`` so tests can wait for its commits; closed on exit."""
+    inner = store if store is not None else store_factory()
+    probe = inner if isinstance(inner, ProbeStore) else ProbeStore(inner)
+    rt = Runtime(probe, config=kw.pop("config", CONFIG), **kw)  # type: ignore[arg-type]
     try:
         yield rt
     finally:
@@ -93,10 +109,20 @@ def state_of(rt: Runtime, sid: str, iid: Any) -> InputLifecycleState:
     return rt.input_state(sid, iid).current_state
 
 
-def stored(rt: Runtime, sid: str) -> dict[Any, Any]:
-    store = rt.runtime(sid).store
-    assert isinstance(store, MemoryStore)
-    return store.input_states[sid]
+def probe(rt: Runtime) -> ProbeStore:
+    store = rt.store
+    assert isinstance(store, ProbeStore)
+    return store
+
+
+async def flushed(rt: Runtime) -> None:
+    """Wait until every transaction the runtime submitted so far is durable."""
+    await probe(rt).flushed()
+
+
+async def stored(rt: Runtime, sid: str) -> dict[Any, InputState]:
+    """The session's input states as the store holds them now (through the protocol)."""
+    return {st.input_id: st for st in await rt.store.load_input_states(sid)}
 
 
 async def parked_run(rt: Runtime, ex: ScriptedExecutor, sid: str, text: str = "head", **kw: Any):
@@ -107,40 +133,16 @@ async def parked_run(rt: Runtime, ex: ScriptedExecutor, sid: str, text: str = "h
     return handle
 
 
-class SlowSyncStore(MemoryStore):
-    """A memory store whose commits become durable ``delay`` seconds after submission; it
-    records which input ids have been synced (the txn that wrote them is durable)."""
-
-    def __init__(self, delay: float = 0.03) -> None:
-        super().__init__()
-        self.delay = delay
-        self.synced: set[Any] = set()
-
-    def submit(self, txn: Any) -> asyncio.Future[None]:
-        inner = super().submit(txn)
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        ids = list(txn.states)
-        durable = txn.durable
-
-        def _done() -> None:
-            if inner.exception() is not None:
-                fut.set_exception(inner.exception())  # type: ignore[arg-type]
-                return
-            if durable:
-                self.synced.update(ids)
-            fut.set_result(None)
-
-        loop.call_later(self.delay, _done)
-        return fut
-
-
 # ------------------------------------------------------------------------------ 1
 
 
-async def test_conformance_01_unique_durable_input_persisted_before_ack() -> None:
-    store = SlowSyncStore(delay=0.03)
-    async with open_runtime(store) as rt:
+async def test_conformance_01_unique_durable_input_persisted_before_ack(
+    store_factory: StoreFactory,
+) -> None:
+    # every commit of the real store completes ``delay`` seconds late: a runtime that
+    # acknowledged before its transaction was durable would return before ``synced`` has it
+    store = ProbeStore(store_factory(), delay=0.03)
+    async with open_runtime(store_factory, store) as rt:
         ex = ScriptedExecutor(default="none")
         s = await rt.create_session(executor=ex)
         prompt = PromptInput.new("hello", idempotency_key="k-1")
@@ -152,24 +154,28 @@ async def test_conformance_01_unique_durable_input_persisted_before_ack() -> Non
         assert out.input_id == prompt.id
         assert prompt.id in store.synced
         assert elapsed >= store.delay * 0.9
-        row = store.input_states[s.id][prompt.id]
+        row = await store.load_input_state(s.id, prompt.id)  # no flush: durable at ack
+        assert row is not None
         assert row.durability is InputDurability.DURABLE
         assert row.persisted_input == prompt
         assert row.idempotency_key is not None and row.idempotency_key.value == "k-1"
         assert out.state.current_state is IS.QUEUED
         await settle(rt, s.id)
-        assert stored(rt, s.id)[prompt.id].current_state is IS.CONSUMED
+        await flushed(rt)
+        assert (await stored(rt, s.id))[prompt.id].current_state is IS.CONSUMED
 
 
-async def test_conformance_01_memory_store_holds_state_when_accept_returns() -> None:
-    async with open_runtime() as rt:
+async def test_conformance_01_store_holds_state_when_accept_returns(
+    store_factory: StoreFactory,
+) -> None:
+    async with open_runtime(store_factory) as rt:
         s = await rt.create_session(executor=ScriptedExecutor())
         store = rt.runtime(s.id).store
-        assert isinstance(store, MemoryStore)
         prompt = PromptInput.new("persist me")
         out = await rt.accept(s.id, prompt)
         assert isinstance(out, Accepted)
-        row = store.input_states[s.id][prompt.id]
+        row = await store.load_input_state(s.id, prompt.id)  # no flush: durable at ack
+        assert row is not None
         assert row.persisted_input is not None
         assert row.persisted_input.to_json_dict() == prompt.to_json_dict()
         assert [h.to for h in row.history][:1] == [IS.QUEUED]
@@ -179,15 +185,16 @@ async def test_conformance_01_memory_store_holds_state_when_accept_returns() -> 
 # ------------------------------------------------------------------------------ 2
 
 
-async def test_conformance_02_duplicate_ingest_is_deduplicated() -> None:
-    async with open_runtime() as rt:
+async def test_conformance_02_duplicate_ingest_is_deduplicated(store_factory: StoreFactory) -> None:
+    async with open_runtime(store_factory) as rt:
         ex = ScriptedExecutor(["checkpoint_then_ok"])
         s = await rt.create_session(executor=ex)
         original = PromptInput.new("do the thing", idempotency_key="idem-1")
         h1 = await rt.accept_with_completion(s.id, original)
         await until(lambda: state_of(rt, s.id, original.id) is IS.APPLIED_PENDING_CONSUMPTION)
         before_ids = rt.runtime(s.id).input_ids(include_terminal=True)
-        before_store = set(stored(rt, s.id))
+        await flushed(rt)
+        before_store = set(await stored(rt, s.id))
 
         retry = PromptInput.new("do the thing", idempotency_key="idem-1")
         assert retry.id != original.id
@@ -198,8 +205,10 @@ async def test_conformance_02_duplicate_ingest_is_deduplicated() -> None:
         assert h2.input_id == original.id
         # no new state, no new store row
         assert rt.runtime(s.id).input_ids(include_terminal=True) == before_ids
-        assert set(stored(rt, s.id)) == before_store
-        assert retry.id not in stored(rt, s.id)
+        await flushed(rt)  # whatever the duplicate's accept wrote is durable now
+        assert set(await stored(rt, s.id)) == before_store
+        assert retry.id not in await stored(rt, s.id)
+        assert await rt.store.load_input_state(s.id, retry.id) is None
 
         ex.release.set()
         o1 = await h1.wait(1.0)
@@ -209,8 +218,10 @@ async def test_conformance_02_duplicate_ingest_is_deduplicated() -> None:
         assert len(ex.runs) == 1
 
 
-async def test_conformance_02_duplicate_of_terminal_input_answers_at_once() -> None:
-    async with open_runtime() as rt:
+async def test_conformance_02_duplicate_of_terminal_input_answers_at_once(
+    store_factory: StoreFactory,
+) -> None:
+    async with open_runtime(store_factory) as rt:
         ex = ScriptedExecutor()
         s = await rt.create_session(executor=ex)
         first = await rt.accept_with_completion(s.id, PromptInput.new("x", idempotency_key="k"))
@@ -226,8 +237,10 @@ async def test_conformance_02_duplicate_of_terminal_input_answers_at_once() -> N
 # ------------------------------------------------------------------------------ 3
 
 
-async def test_conformance_03_supersession_scope_is_runtime_kind_and_key() -> None:
-    async with open_runtime() as rt:
+async def test_conformance_03_supersession_scope_is_runtime_kind_and_key(
+    store_factory: StoreFactory,
+) -> None:
+    async with open_runtime(store_factory) as rt:
         ex = ScriptedExecutor(["checkpoint_then_ok"])
         ex2 = ScriptedExecutor(["checkpoint_then_ok"])
         s = await rt.create_session(executor=ex)
@@ -251,7 +264,8 @@ async def test_conformance_03_supersession_scope_is_runtime_kind_and_key() -> No
         st = rt.input_state(s.id, old.id)
         assert st.current_state is IS.SUPERSEDED
         assert st.terminal_outcome.superseded_by == new.id  # type: ignore[union-attr]
-        assert stored(rt, s.id)[old.id].current_state is IS.SUPERSEDED
+        # the supersession is in the new input's (durable) accept transaction
+        assert (await stored(rt, s.id))[old.id].current_state is IS.SUPERSEDED
         w = await h_old.wait(0.5)
         assert isinstance(w, SupersededWait) and w.superseded_by == new.id
 
@@ -270,8 +284,8 @@ async def test_conformance_03_supersession_scope_is_runtime_kind_and_key() -> No
         assert state_of(rt, s.id, head.input_id) is IS.CONSUMED
 
 
-async def test_conformance_03_staged_input_is_never_superseded() -> None:
-    async with open_runtime() as rt:
+async def test_conformance_03_staged_input_is_never_superseded(store_factory: StoreFactory) -> None:
+    async with open_runtime(store_factory) as rt:
         ex = ScriptedExecutor(["hang_before"])
         s = await rt.create_session(executor=ex)
         staged = PromptInput.new("v1", supersession_key="k")
@@ -286,8 +300,10 @@ async def test_conformance_03_staged_input_is_never_superseded() -> None:
         assert state_of(rt, s.id, newer.id) is IS.CONSUMED
 
 
-async def test_conformance_03_ephemeral_never_supersedes_durable() -> None:
-    async with open_runtime() as rt:
+async def test_conformance_03_ephemeral_never_supersedes_durable(
+    store_factory: StoreFactory,
+) -> None:
+    async with open_runtime(store_factory) as rt:
         ex = ScriptedExecutor(["checkpoint_then_ok"])
         s = await rt.create_session(executor=ex)
         await parked_run(rt, ex, s.id)
@@ -311,8 +327,8 @@ async def test_conformance_03_ephemeral_never_supersedes_durable() -> None:
 # ------------------------------------------------------------------------------ 4
 
 
-async def test_conformance_04_coalescing_at_checkpoint() -> None:
-    async with open_runtime() as rt:
+async def test_conformance_04_coalescing_at_checkpoint(store_factory: StoreFactory) -> None:
+    async with open_runtime(store_factory) as rt:
         ex = ScriptedExecutor(["checkpoint_then_ok"])
         s = await rt.create_session(executor=ex)
         head = await parked_run(rt, ex, s.id)
@@ -339,7 +355,9 @@ async def test_conformance_04_coalescing_at_checkpoint() -> None:
         assert body.convention == parts[-1].convention
         assert agg.current_state is IS.CONSUMED
         assert agg.last_run_id == ex.runs[0].run_id
-        assert stored(rt, s.id)[agg_id].reconstruction_source == agg.reconstruction_source
+        await flushed(rt)
+        row = (await stored(rt, s.id))[agg_id]
+        assert row.reconstruction_source == agg.reconstruction_source
 
         for p, h in zip(parts, handles, strict=True):
             st = rt.input_state(s.id, p.id)
@@ -352,8 +370,8 @@ async def test_conformance_04_coalescing_at_checkpoint() -> None:
             assert w.result == head_out.result  # type: ignore[union-attr]
 
 
-async def test_conformance_04_coalescing_at_run_start() -> None:
-    async with open_runtime() as rt:
+async def test_conformance_04_coalescing_at_run_start(store_factory: StoreFactory) -> None:
+    async with open_runtime(store_factory) as rt:
         ex = ScriptedExecutor()
         s = await rt.create_session(executor=ex)
         parts = [progress("a"), progress("b")]
@@ -381,8 +399,10 @@ async def test_conformance_04_coalescing_at_run_start() -> None:
 # ------------------------------------------------------------------------------ 5-7
 
 
-async def test_conformance_05_terminal_peer_response_while_idle_wakes() -> None:
-    async with open_runtime() as rt:
+async def test_conformance_05_terminal_peer_response_while_idle_wakes(
+    store_factory: StoreFactory,
+) -> None:
+    async with open_runtime(store_factory) as rt:
         ex = ScriptedExecutor()
         s = await rt.create_session(executor=ex)
         resp = terminal("the answer")
@@ -395,8 +415,10 @@ async def test_conformance_05_terminal_peer_response_while_idle_wakes() -> None:
         assert state_of(rt, s.id, resp.id) is IS.CONSUMED
 
 
-async def test_conformance_06_terminal_peer_response_joins_active_run_at_checkpoint() -> None:
-    async with open_runtime() as rt:
+async def test_conformance_06_terminal_peer_response_joins_active_run_at_checkpoint(
+    store_factory: StoreFactory,
+) -> None:
+    async with open_runtime(store_factory) as rt:
         ex = ScriptedExecutor(["checkpoint_then_ok"])
         s = await rt.create_session(executor=ex)
         head = await parked_run(rt, ex, s.id)
@@ -420,8 +442,10 @@ async def test_conformance_06_terminal_peer_response_joins_active_run_at_checkpo
         assert len(rows) == 1 and rows[0].run_id == ex.runs[0].run_id
 
 
-async def test_conformance_07_progress_response_is_peer_input_and_does_not_wake() -> None:
-    async with open_runtime() as rt:
+async def test_conformance_07_progress_response_is_peer_input_and_does_not_wake(
+    store_factory: StoreFactory,
+) -> None:
+    async with open_runtime(store_factory) as rt:
         ex = ScriptedExecutor()
         s = await rt.create_session(executor=ex)
         p = progress("working on it")
@@ -447,8 +471,10 @@ async def test_conformance_07_progress_response_is_peer_input_and_does_not_wake(
 # ------------------------------------------------------------------------------ 8-10
 
 
-async def test_conformance_08_retire_without_replacement_abandons_pending() -> None:
-    async with open_runtime() as rt:
+async def test_conformance_08_retire_without_replacement_abandons_pending(
+    store_factory: StoreFactory,
+) -> None:
+    async with open_runtime(store_factory) as rt:
         ex = ScriptedExecutor(["checkpoint_then_ok"])
         s = await rt.create_session(executor=ex)
         head = await parked_run(rt, ex, s.id)
@@ -460,7 +486,7 @@ async def test_conformance_08_retire_without_replacement_abandons_pending() -> N
             st = rt.input_state(s.id, i.id)
             assert st.current_state is IS.ABANDONED
             assert st.terminal_outcome.reason.value == "retired"  # type: ignore[union-attr]
-            assert stored(rt, s.id)[i.id].current_state is IS.ABANDONED
+            assert (await stored(rt, s.id))[i.id].current_state is IS.ABANDONED  # retire committed
             w = await h.wait(0.5)
             assert isinstance(w, AbandonedWait) and w.reason.value == "retired"
         assert rt.runtime(s.id).queued_ids() == []
@@ -476,8 +502,8 @@ async def test_conformance_08_retire_without_replacement_abandons_pending() -> N
         assert len(ex.runs) == 1
 
 
-async def test_conformance_08_retire_idle_runtime() -> None:
-    async with open_runtime() as rt:
+async def test_conformance_08_retire_idle_runtime(store_factory: StoreFactory) -> None:
+    async with open_runtime(store_factory) as rt:
         ex = ScriptedExecutor()
         s = await rt.create_session(executor=ex)
         p = progress("pending")
@@ -490,8 +516,10 @@ async def test_conformance_08_retire_idle_runtime() -> None:
         assert ex.runs == []
 
 
-async def test_conformance_09_respawn_keeps_durable_pending_input() -> None:
-    async with open_runtime() as rt:
+async def test_conformance_09_respawn_keeps_durable_pending_input(
+    store_factory: StoreFactory,
+) -> None:
+    async with open_runtime(store_factory) as rt:
         ex = ScriptedExecutor(["checkpoint_then_ok"])
         s = await rt.create_session(executor=ex)
         head = await parked_run(rt, ex, s.id)
@@ -525,14 +553,18 @@ async def test_conformance_09_respawn_keeps_durable_pending_input() -> None:
         assert isinstance(await rt.accept(s.id, PromptInput.new("after")), Accepted)
 
 
-async def test_conformance_09_respawn_rebuilds_derived_and_refuses_while_held() -> None:
+async def test_conformance_09_respawn_rebuilds_derived_and_refuses_while_held(
+    store_factory: StoreFactory,
+) -> None:
     rebuilt_from: list[Any] = []
 
     def rebuild(src: ProjectionSource, inp: Any) -> Any:
         rebuilt_from.append(inp.id)
         return inp
 
-    async with open_runtime(rebuilders=Rebuilders(projection={"rule-1": rebuild})) as rt:
+    async with open_runtime(
+        store_factory, rebuilders=Rebuilders(projection={"rule-1": rebuild})
+    ) as rt:
         ex = ScriptedExecutor(["checkpoint_then_ok"], default="none")
         s = await rt.create_session(executor=ex)
         head = await parked_run(rt, ex, s.id)
@@ -564,8 +596,10 @@ async def test_conformance_09_respawn_rebuilds_derived_and_refuses_while_held() 
         assert ex.runs[-1].input_ids == [new_id]
 
 
-async def test_conformance_10_reset_abandons_pending_and_clears_conversation() -> None:
-    async with open_runtime() as rt:
+async def test_conformance_10_reset_abandons_pending_and_clears_conversation(
+    store_factory: StoreFactory,
+) -> None:
+    async with open_runtime(store_factory) as rt:
         ex = ScriptedExecutor(["ok", "checkpoint_then_ok"])
         s = await rt.create_session(executor=ex)
         first = await rt.accept_with_completion(s.id, PromptInput.new("earlier"))
@@ -574,8 +608,7 @@ async def test_conformance_10_reset_abandons_pending_and_clears_conversation() -
         q = [PromptInput.new("q"), progress("p")]
         hs = [await rt.accept_with_completion(s.id, i) for i in q]
         store = rt.runtime(s.id).store
-        assert isinstance(store, MemoryStore)
-        assert len(store.conversations[s.id]) > 0
+        assert len(await store.load_conversation(s.id)) > 0
 
         report = await rt.reset(s.id)
         assert report["inputs_abandoned"] == 3
@@ -583,12 +616,13 @@ async def test_conformance_10_reset_abandons_pending_and_clears_conversation() -
             st = rt.input_state(s.id, iid)
             assert st.current_state is IS.ABANDONED
             assert st.terminal_outcome.reason.value == "reset"  # type: ignore[union-attr]
-            assert store.input_states[s.id][iid].current_state is IS.ABANDONED
+            row = await store.load_input_state(s.id, iid)  # reset committed when it returned
+            assert row is not None and row.current_state is IS.ABANDONED
         for h in hs:
             w = await h.wait(0.5)
             assert isinstance(w, AbandonedWait) and w.reason.value == "reset"
         assert len(rt.runtime(s.id).conversation) == 0
-        assert store.conversations[s.id] == []
+        assert await store.load_conversation(s.id) == []
         assert rt.runtime_state(s.id) is RuntimeState.IDLE
         assert state_of(rt, s.id, first.input_id) is IS.CONSUMED  # terminal stays terminal
         # usable again
@@ -613,15 +647,16 @@ async def _cancel_and_check(rt: Runtime, sid: str, handle: Any, idle_after: bool
     assert elapsed < 1.0
     st = rt.input_state(sid, handle.input_id)
     assert st.current_state is IS.CONSUMED  # its boundary was applied
-    assert stored(rt, sid)[handle.input_id].current_state is IS.CONSUMED
+    # the waiter answered after the run's end was committed
+    assert (await stored(rt, sid))[handle.input_id].current_state is IS.CONSUMED
     if idle_after:
         await until(lambda: rt.runtime_state(sid) is RuntimeState.IDLE, 1.0)
         assert sr.active_run_id is None
         assert await rt.cancel(sid) is False  # nothing left to cancel
 
 
-async def test_conformance_17_cancel_during_long_model_wait() -> None:
-    async with open_runtime() as rt:
+async def test_conformance_17_cancel_during_long_model_wait(store_factory: StoreFactory) -> None:
+    async with open_runtime(store_factory) as rt:
         s = await rt.create_session(
             model="offline", offline_script=[{"type": "text", "text": "late", "delay": 30}]
         )
@@ -631,8 +666,8 @@ async def test_conformance_17_cancel_during_long_model_wait() -> None:
         assert "late" not in contents
 
 
-async def test_conformance_18_cancel_during_long_tool_wait() -> None:
-    async with open_runtime() as rt:
+async def test_conformance_18_cancel_during_long_tool_wait(store_factory: StoreFactory) -> None:
+    async with open_runtime(store_factory) as rt:
         s = await rt.create_session(
             model="offline",
             offline_script=[
@@ -643,8 +678,10 @@ async def test_conformance_18_cancel_during_long_tool_wait() -> None:
         await _cancel_and_check(rt, s.id, h)
 
 
-async def test_conformance_17_fallback_cancel_long_wait_scripted() -> None:
-    async with open_runtime() as rt:
+async def test_conformance_17_fallback_cancel_long_wait_scripted(
+    store_factory: StoreFactory,
+) -> None:
+    async with open_runtime(store_factory) as rt:
         ex = ScriptedExecutor(["hang"])
         s = await rt.create_session(executor=ex)
         h = await rt.accept_with_completion(s.id, PromptInput.new("long"))
@@ -652,8 +689,10 @@ async def test_conformance_17_fallback_cancel_long_wait_scripted() -> None:
         assert ex.runs[0].outcome == "RunCancelled"
 
 
-async def test_conformance_18_fallback_cancel_then_next_run_scripted() -> None:
-    async with open_runtime() as rt:
+async def test_conformance_18_fallback_cancel_then_next_run_scripted(
+    store_factory: StoreFactory,
+) -> None:
+    async with open_runtime(store_factory) as rt:
         ex = ScriptedExecutor(["hang"])
         s = await rt.create_session(executor=ex)
         h = await rt.accept_with_completion(s.id, PromptInput.new("long"))
@@ -663,3 +702,66 @@ async def test_conformance_18_fallback_cancel_then_next_run_scripted() -> None:
         # S8/S17: the queued prompt is answered by the next run
         assert isinstance(await nxt.wait(1.0), CompletedWait)
         assert ex.runs[1].input_ids == [nxt.input_id]
+
+
+# ------------------------------------------------------------------------------ restart
+
+
+async def test_restart_keeps_pending_input(store_factory: StoreFactory) -> None:
+    """Inputs queued in one Runtime are recovered, in queue order, by the next Runtime on
+    the same store (the memory store: the same object; SQLite: a new store on the same file)
+    and run once something wakes the runtime."""
+    quiet = PolicyTable.decision("stage_run_start", "none", "fifo", "on_run_complete")
+    policy = default_policy_table().with_rows({"prompt": PolicyRow(quiet, quiet)})
+    prompts = [PromptInput.new(f"p{i}") for i in range(3)]
+    # accepted in another order than created: queue order is not input id order
+    order = [prompts[2], prompts[0], prompts[1]]
+    want = [p.id for p in order]
+
+    store = store_factory()
+    ex1 = ScriptedExecutor()
+    async with open_runtime(store_factory, store, policy=policy) as rt:
+        s = await rt.create_session(executor=ex1)
+        for p in order:
+            out = await rt.accept(s.id, p)
+            assert isinstance(out, Accepted) and out.policy.wake_mode.value == "none"
+        await settle(rt, s.id)
+        assert ex1.runs == []  # prompts do not wake under this policy
+        assert rt.runtime(s.id).queued_ids() == want
+    # the first Runtime is closed (its store too); nothing of it runs any more
+
+    ex2 = ScriptedExecutor()
+    reopened = store_factory.reopen(store)
+    async with open_runtime(
+        store_factory, reopened, policy=policy, executor_factory=lambda rec: ex2
+    ) as rt2:
+        await rt2.start()  # recovers sessions with pending inputs (S7)
+        assert rt2.recovery_reports[s.id]["inputs_recovered"] == 3
+        assert rt2.recovery_reports[s.id]["inputs_lost"] == 0
+        sr = rt2.runtime(s.id)
+        assert sr.queued_ids() == want
+        for p in order:
+            st = rt2.input_state(s.id, p.id)
+            assert st.current_state is IS.QUEUED
+            assert st.durability is InputDurability.DURABLE
+            assert st.persisted_input == p
+            assert st.recovery_count == 1
+        loaded = await rt2.store.load_runtime(s.id)
+        assert [st.input_id for st in loaded.inputs] == want
+        assert rt2.runtime_state(s.id) is RuntimeState.IDLE
+        await settle(rt2, s.id)
+        assert ex2.runs == []  # recovery alone wakes nothing
+
+        wake = ExternalEventInput.new("tick", {"n": 1})
+        h = await rt2.accept_with_completion(s.id, wake)
+        assert isinstance(h.outcome, Accepted) and h.outcome.policy.wake_mode.value != "none"
+        assert isinstance(await h.wait(2.0), CompletedWait)
+        await settle(rt2, s.id)
+        ran = [i for r in ex2.runs for i in r.input_ids]
+        assert ran == [*want, wake.id]  # the recovered inputs first, in their queue order
+        assert ex1.runs == []
+        await flushed(rt2)
+        rows = await stored(rt2, s.id)
+        for iid in [*want, wake.id]:
+            assert rt2.input_state(s.id, iid).current_state is IS.CONSUMED
+            assert rows[iid].current_state is IS.CONSUMED
