@@ -113,10 +113,12 @@ class CompletionHandle:
         outcome: AcceptOutcome,
         future: asyncio.Future[Any] | None,
         waiter: Callable[[float | None], Any] | None = None,
+        follow: Callable[[], bool] | None = None,
     ) -> None:
         self.outcome = outcome
         self._future = future
         self._waiter = waiter
+        self._follow = follow
 
     @property
     def input_id(self) -> InputId:
@@ -133,6 +135,11 @@ class CompletionHandle:
             raise InputRejectedError(self.outcome.reason, self.outcome.code.value)
         if self._future is not None:
             result: WaitOutcome = await asyncio.wait_for(asyncio.shield(self._future), timeout)
+            if isinstance(result, TerminatedWait) and self._follow is not None and self._follow():
+                # the instance stopped on a store fault: follow the input where it lives now
+                assert self._waiter is not None
+                followed: WaitOutcome = await self._waiter(timeout)
+                return followed
             return result
         assert self._waiter is not None
         remote: WaitOutcome = await self._waiter(timeout)
@@ -484,7 +491,16 @@ class Runtime:
             outcome, fut = await rt.accept(
                 raw, reconstruction_source=source, register_waiter=waiter
             )
-            return CompletionHandle(outcome, fut)
+            if isinstance(outcome, Rejected) or fut is None:
+                return CompletionHandle(outcome, fut)
+            target = outcome.existing_id if isinstance(outcome, Deduplicated) else outcome.input_id
+            owner = rt
+            return CompletionHandle(
+                outcome,
+                fut,
+                lambda timeout: self.wait(session_id, target, timeout),
+                lambda: owner.failure is not None and not self._closed,
+            )
         outcome = await self._accept_remote(session_id, raw, source)
         if isinstance(outcome, Rejected):
             return CompletionHandle(outcome, None)

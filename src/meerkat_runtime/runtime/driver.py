@@ -54,7 +54,15 @@ from ..core.lifecycle import (
 )
 from ..core.session import Conversation
 from ..errors import InputNotFoundError, InvalidOperationError
-from ..store.base import IdempotencyRecord, InboxEntry, LoadedRuntime, RunRecord, RuntimeStore, Txn
+from ..store.base import (
+    IdempotencyRecord,
+    InboxEntry,
+    LoadedRuntime,
+    RunRecord,
+    RuntimeStore,
+    StoreError,
+    Txn,
+)
 from .completion import CompletionRegistry
 from .events import RuntimeEventEnvelope
 from .input_state import (
@@ -342,7 +350,20 @@ class SessionRuntime:
     async def _commit(self, txn: Txn) -> None:
         fut = self._submit(txn)
         # Commits are shielded: a cancelled caller does not cancel its own transaction (S6).
-        await asyncio.shield(fut)
+        await self._durable(fut)
+
+    async def _durable(self, fut: Awaitable[None]) -> None:
+        """Await a commit; any failure reaches the caller as a ``StoreError`` that names the
+        store and the problem (this instance has stopped by then, see ``_check_commit``)."""
+        try:
+            await asyncio.shield(fut)
+        except Exception as exc:
+            if self._closed_reason is None:  # stop now, before the caller writes anything else
+                self.failure = exc
+                self.stop(f"store write failed, instance stopped: {exc}")
+            if isinstance(exc, StoreError):
+                raise
+            raise StoreError(f"store {self.store.url}: {exc}") from exc
 
     # ------------------------------------------------------------------ small helpers
 
@@ -537,7 +558,7 @@ class SessionRuntime:
         pending = self._submit(txn)
         self._kick()
         if txn.durable:
-            await asyncio.shield(pending)  # durable before ack (S6)
+            await self._durable(pending)  # durable before ack (S6)
             crashpoint("accept.committed")
         else:
             _ignore_result(pending)  # ephemeral: rides along with the next commit (S6)

@@ -13,6 +13,11 @@ same rules:
   and commit order is submission order.
 - Fencing (S10): a runtime's generation is 0 until a lease is first acquired; from then on a
   transaction whose generation differs from the stored one is refused with ``FencedError``.
+  A transaction with ``next_generation`` (respawn, S9) passes the check with its own
+  generation and leaves the new one stored.
+- Poisoning: once a transaction of (runtime, generation) failed, later ones of that pair are
+  refused with ``FencedError`` (they were built on the failed one, and base.py's order rule
+  forbids them becoming durable without it); the owner recovers under a new generation.
 - Idempotency keys are unique per (runtime, key). A transaction's records are upserts: the
   fenced owner decides (it may re-claim a key whose window it released, S11); ``inbox_push``
   never replaces a claim, it answers deduplicated or conflict.
@@ -112,6 +117,7 @@ class MemoryStore:
         self.sessions: dict[str, SessionRecord] = {}
         self.inbox: dict[str, list[InboxEntry]] = defaultdict(list)
         self.commits = 0  # committed transactions (submit)
+        self._poisoned: set[tuple[str, int]] = set()  # (runtime, generation) whose write failed
         self.fail_next: BaseException | None = None  # fault injection: the next submit fails
         self._faults: dict[str, list[BaseException]] = {}
         self._rows: dict[str, _RuntimeRow] = {}
@@ -155,10 +161,18 @@ class MemoryStore:
             if self.fail_next is not None:
                 exc, self.fail_next = self.fail_next, None
                 raise exc
+            key = (txn.runtime_id, txn.generation)
+            if key in self._poisoned:
+                raise FencedError(
+                    f"store {self.url}: an earlier write of runtime {key[0]} (generation "
+                    f"{key[1]}) failed; this instance's later writes are refused until it "
+                    "recovers under a new generation"
+                )
             self._fault("submit")
             self._check(txn)
             self._apply(txn)
         except BaseException as exc:  # the failure belongs to the awaitable
+            self._poisoned.add((txn.runtime_id, txn.generation))
             fut.set_exception(exc)
             return fut
         fut.set_result(None)

@@ -26,7 +26,12 @@ Invariants kept here (beyond those of ``base.py``):
 - Commit order is submission order: one writer, one FIFO queue, savepoints in queue order.
 - Fencing is checked in SQL inside the job's savepoint before it writes anything: the
   runtime row's ``generation`` must equal ``txn.generation`` once the runtime was leased
-  (generation 0 means "never leased" and is not fenced).
+  (generation 0 means "never leased" and is not fenced). ``txn.next_generation`` (respawn)
+  is written after the check.
+- Poisoning: once a transaction of (runtime, generation) failed, every transaction of that
+  pair submitted after it is refused with ``FencedError`` and writes nothing (it was built
+  on the failed one); transactions submitted before it are unaffected, also when they are
+  retried after an abandoned batch. The owner recovers under a new generation.
 - Idempotency keys are unique per (runtime, key) (a unique index); a transaction's records
   are upserts (the fenced owner decides), ``inbox_push`` never replaces a claim.
 - ``stopped`` is never written (S8); conversation rows are only inserted (a trigger refuses
@@ -419,6 +424,20 @@ class _TxnJob:
         _apply_txn(conn, self.rows)  # looked up at run time (tests inject faults here)
 
 
+def _poison_key(job: Any) -> tuple[str, int] | None:
+    fn = getattr(job, "fn", None)
+    if isinstance(fn, _TxnJob):
+        return (fn.txn.runtime_id, fn.txn.generation)
+    return None
+
+
+def _poisoned_error(path: Any, key: tuple[str, int]) -> FencedError:
+    return FencedError(
+        f"store {path}: an earlier write of runtime {key[0]} (generation {key[1]}) failed; "
+        "this instance's later writes are refused until it recovers under a new generation"
+    )
+
+
 # ------------------------------------------------------------------------------ decoding
 
 
@@ -660,6 +679,7 @@ class _Job:
     future: asyncio.Future[Any]
     is_txn: bool = False
     prepare: Callable[[], None] | None = None  # CPU work done before BEGIN (encoding)
+    seq: int = 0  # submission order of transactions (for poisoning)
 
 
 def _settle(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
@@ -699,6 +719,9 @@ class SqliteStore:
     ) -> None:
         self.path = Path(path).expanduser().absolute()
         self.url = url or f"sqlite:///{self.path}"
+        # (runtime, generation) -> submission seq of its first failed transaction (poisoning)
+        self._poisoned: dict[tuple[str, int], int] = {}
+        self._txn_seq = 0
         self.max_batch = max(1, max_batch)
         self.commits = 0
         self.transactions = 0
@@ -912,6 +935,22 @@ class SqliteStore:
             if stop is not None:
                 _deliver([(stop, None, None)])
 
+    def _poison(self, jobs: Iterable[_Job]) -> None:
+        """Record failed transactions: later ones of the same (runtime, generation) must not
+        become durable without them (base.py: order), so they are refused."""
+        for job in jobs:
+            key = _poison_key(job)
+            if key is not None and job.seq < self._poisoned.get(key, job.seq + 1):
+                self._poisoned[key] = job.seq
+
+    def _refused(self, job: _Job) -> FencedError | None:
+        """The error for a transaction submitted after a failed one of its (runtime,
+        generation), else None. Earlier transactions (e.g. retried after an abort) pass."""
+        key = _poison_key(job)
+        if key is None or key not in self._poisoned or self._poisoned[key] >= job.seq:
+            return None
+        return _poisoned_error(self.path, key)
+
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         """Commit ``batch`` as one group and resolve its futures in submission order."""
         _deliver(self._commit_batch(conn, batch, retry=True))
@@ -935,22 +974,27 @@ class SqliteStore:
                     job.prepare()
                 except BaseException as exc:  # e.g. cannot encode: only this job fails
                     unprepared[id(job)] = self._error(exc)
-        if unprepared:
-            ready = [j for j in batch if id(j) not in unprepared]
-            done = {id(o[0]): o for o in self._commit_batch(conn, ready, retry)} if ready else {}
-            return [done.get(id(j), (j, None, unprepared.get(id(j)))) for j in batch]
         out: list[tuple[_Job, Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
         except BaseException as exc:
             err = self._error(exc)
-            return [(j, None, err) for j in batch]
+            self._poison(batch)
+            return [(j, None, unprepared.get(id(j), err)) for j in batch]
         aborted: BaseException | None = None
         culprit: _Job | None = None
         for job in batch:
             assert job.fn is not None
             if aborted is not None:
                 out.append((job, None, None))  # not run; settled below
+                continue
+            refused = self._refused(job)
+            if refused is not None:
+                out.append((job, None, refused))
+                continue
+            if id(job) in unprepared:
+                out.append((job, None, unprepared[id(job)]))
+                self._poison([job])
                 continue
             try:
                 conn.execute("SAVEPOINT job")
@@ -959,6 +1003,7 @@ class SqliteStore:
             except BaseException as exc:
                 err = self._error(exc)
                 out.append((job, None, err))
+                self._poison([job])
                 if not conn.in_transaction:  # SQLite abandoned the whole transaction
                     aborted, culprit = err, job
                     continue
@@ -988,6 +1033,7 @@ class SqliteStore:
         lost = StoreError(
             f"{aborted} (the transaction was rolled back with its batch; nothing of it was written)"
         )
+        self._poison([j for j, _, _ in out])
         return [(j, None, exc if exc is not None else lost) for j, _, exc in out]
 
     # ---------------------------------------------------------------- the reader thread
@@ -1073,7 +1119,8 @@ class SqliteStore:
         except BaseException as exc:
             fut.set_exception(self._error(exc))
             return fut
-        self._wq.put(_Job(job, loop, fut, is_txn=True, prepare=job.prepare))
+        self._txn_seq += 1
+        self._wq.put(_Job(job, loop, fut, is_txn=True, prepare=job.prepare, seq=self._txn_seq))
         return fut
 
     # ---------------------------------------------------------------- sessions

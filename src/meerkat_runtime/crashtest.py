@@ -1,0 +1,1232 @@
+"""The crash test kit (``meerkat crashtest``): real processes, real SIGKILLs, invariants read
+back from the database (spec §5, conformance cases 11-16).
+
+**The child** (``python -m meerkat_runtime.crashtest child SPEC_JSON``, or ``@path`` to a file
+holding the JSON) runs a small, deterministic workload against a SQLite runtime:
+
+1. opens the runtime at the spec's database (recovering whatever a killed predecessor left,
+   S7) with the spec's policy (prompts by default; projected inputs wake or are held), a
+   projection rebuilder (S13) and a small ``RuntimeConfig`` (fast backoff, short grace);
+2. creates the spec's sessions if missing (fixed ids; each with its offline script, so runs
+   pass boundaries, checkpoints and completions);
+3. accepts the spec's inputs in a fixed order, each with the idempotency key
+   ``crashtest:<session>:<index>``, so a restarted child re-submits them safely and is answered
+   ``deduplicated{existing_id}``;
+4. only **after** ``accept`` returned, appends the acknowledged id (the new id, or the existing
+   id of a duplicate) to the ack log: one JSON line, written with one ``write`` and
+   ``fsync``-ed, so a line in the log is an acknowledgement a client really received;
+5. waits (``Runtime.wait`` with a timeout) for every id in the ack log, its predecessors'
+   included, and writes one outcome per id to the outcomes file (JSON lines, replaced
+   atomically), then appends its recovery reports to the report file and exits 0.
+
+``MEERKAT_CRASH_AT=point:n`` (see ``_crash.py``) makes the child SIGKILL itself the n-th time
+it passes ``point``.
+
+**The parent** (``run_crashtest``) runs trials. Each trial picks a kill point (cycling through
+every crash point plus ``random``, where the parent itself sends SIGKILL after a random delay)
+and a random small ``n``, runs the child with the point armed, checks it died of SIGKILL
+(returncode -9) or notes that it finished without reaching the point, snapshots the terminal
+input states (read-only SQLite connection), restarts the child unarmed so it recovers and
+finishes, and checks, from the database and the child's files:
+
+(a) every acknowledged input is in the store and terminal, and a durable (or derived) one is
+    never ``abandoned{recovery_failed}``; an acknowledged *ephemeral* input may be absent (it
+    rides along with the next commit, S6, and a crash may come first) or
+    ``abandoned{recovery_failed}`` (S7);
+(b) nothing is applied twice: at most one conversation row names an input id, and exactly
+    one names an input consumed by a completed run; at most one tool result per tool call id
+    and at most one assistant message per tool call id (S6: a committed tool call is never
+    run again); every conversation is contiguous and its digest chain verifies (spec §3);
+(c) every waiter resolved: the restarted child wrote an outcome for every acknowledged input,
+    none ``terminated`` or timed out, each the one S12 derives from the stored state and run
+    (an absent ephemeral input answers ``not_found``);
+(d) no terminal state changed between a snapshot taken after a kill and the end.
+
+``recovery.after`` is only passed by a recovery that had something to reconcile, so its trials
+first kill the child at another point (a *setup* kill), then arm ``recovery.after`` for the
+restart. Trials whose owner id changes between processes (``takeover``) also exercise lease
+expiry and the durable inbox (S10).
+
+Children are started either as fresh interpreters (``launcher="spawn"``: exactly
+``python -m meerkat_runtime.crashtest child ...``) or, much faster, forked from a
+``multiprocessing`` fork server that has already imported the package (``launcher="fork"``);
+either way each child is a real process killed with a real SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from . import _crash, _ids
+from ._crash import POINTS as CRASH_POINTS
+from ._ids import InputId, RunId
+from ._json import canonical_bytes
+from .core.agent import AgentConfig, AgentExecutor
+from .core.lifecycle import CoreExecutor, RunResult
+from .errors import InputNotFoundError, SessionNotFoundError
+from .host import Runtime
+from .runtime.driver import Rebuilders, RuntimeConfig
+from .runtime.input_state import InputState, ProjectionSource
+from .runtime.inputs import Input, InputDurability, ProjectedInput, PromptInput
+from .runtime.outcomes import Deduplicated, Rejected, outcome_of
+from .runtime.policy import PolicyRow, PolicyTable, default_policy_table
+from .store.base import RunRecord, SessionRecord
+from .store.sqlite import SqliteStore
+
+__all__ = [
+    "CRASH_POINTS",
+    "KILL_POINTS",
+    "RANDOM",
+    "Ack",
+    "ChildSpec",
+    "CrashtestReport",
+    "DbView",
+    "InputSpec",
+    "PointStats",
+    "SessionSpec",
+    "TrialResult",
+    "Violation",
+    "check_invariants",
+    "child_main",
+    "crash_policy",
+    "crash_rebuilders",
+    "idempotency_key",
+    "input_for",
+    "read_acks",
+    "read_db",
+    "read_outcomes",
+    "read_reports",
+    "run_child",
+    "run_crashtest",
+    "terminal_snapshot",
+]
+
+RANDOM = "random"
+"""The kill point at which the parent, not the child, sends SIGKILL after a random delay."""
+
+KILL_POINTS: tuple[str, ...] = (*CRASH_POINTS, RANDOM)
+RULE_ID = "crashtest.projection"
+"""The projection rule id of the workload's derived inputs (rebuilt by ``crash_rebuilders``)."""
+
+Launcher = Literal["fork", "spawn"]
+
+# ==================================================================================== spec
+
+InputType = Literal["prompt", "ephemeral", "projected"]
+
+
+@dataclass(slots=True)
+class InputSpec:
+    """One input of a session's workload: a durable prompt, an ephemeral prompt, or a derived
+    projected input (system origin, ``projection{RULE_ID, <session>:event:<index>}``)."""
+
+    type: InputType = "prompt"
+    text: str = ""
+
+
+@dataclass(slots=True)
+class SessionSpec:
+    """A session with a fixed id, its offline script and its inputs (in acceptance order)."""
+
+    id: str
+    script: list[dict[str, Any]] = field(default_factory=list)
+    inputs: list[InputSpec] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ChildSpec:
+    """Everything one child process needs; the same spec is given to every process of a trial
+    (a restarted child re-submits the same inputs and gets ``deduplicated``).
+
+    ``owner_id`` is the lease owner: a fixed id lets a restarted child take the lease over at
+    once, ``None`` gives every process its own id, so a restarted child waits for the dead
+    one's lease to expire (``lease_ttl``) and meanwhile accepts through the inbox (S10).
+    ``derived_policy``: projected inputs wake the runtime (``wake``) or wait in the queue for
+    a run something else starts (``hold``).
+    """
+
+    db: str
+    ack_log: str
+    outcomes: str
+    report: str
+    sessions: list[SessionSpec]
+    owner_id: str | None = "crashtest-child"
+    lease_ttl: float = 2.0
+    poll_interval: float = 0.05
+    wait_timeout: float = 30.0
+    derived_policy: Literal["wake", "hold"] = "wake"
+    backoff_base: float = 0.01
+    backoff_max: float = 0.05
+    max_attempts: int = 3
+    shutdown_grace: float = 1.0
+    accept_gap: float = 0.0
+
+    @classmethod
+    def in_dir(cls, directory: Path, sessions: list[SessionSpec], **options: Any) -> ChildSpec:
+        """A spec whose database and files live in ``directory``."""
+        d = directory.absolute()
+        return cls(
+            db=str(d / "crash.db"),
+            ack_log=str(d / "acks.jsonl"),
+            outcomes=str(d / "outcomes.jsonl"),
+            report=str(d / "reports.jsonl"),
+            sessions=sessions,
+            **options,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> ChildSpec:
+        doc: dict[str, Any] = json.loads(text)
+        sessions = [
+            SessionSpec(
+                id=str(s["id"]),
+                script=list(s.get("script", [])),
+                inputs=[InputSpec(**i) for i in s.get("inputs", [])],
+            )
+            for s in doc.pop("sessions")
+        ]
+        return cls(sessions=sessions, **doc)
+
+    def accept_order(self) -> Iterator[tuple[str, int, InputSpec]]:
+        """(session id, index, input) round-robin over the sessions, each in its own order."""
+        longest = max((len(s.inputs) for s in self.sessions), default=0)
+        for index in range(longest):
+            for s in self.sessions:
+                if index < len(s.inputs):
+                    yield s.id, index, s.inputs[index]
+
+
+def idempotency_key(session_id: str, index: int) -> str:
+    """The key of the ``index``-th input of a session: the same in every process (S11)."""
+    return f"crashtest:{session_id}:{index}"
+
+
+def input_for(session_id: str, index: int, spec: InputSpec) -> Input:
+    """The input for ``spec``: a fresh id, but content (and so content hash) that depends only
+    on the session, the index and the spec, so a re-submission is a duplicate."""
+    key = idempotency_key(session_id, index)
+    text = spec.text or f"{session_id} input {index} ({spec.type})"
+    if spec.type == "prompt":
+        return PromptInput.new(text, idempotency_key=key)
+    if spec.type == "ephemeral":
+        return PromptInput.new(text, idempotency_key=key, durability=InputDurability.EPHEMERAL)
+    return ProjectedInput.new(RULE_ID, f"{session_id}:event:{index}", text, idempotency_key=key)
+
+
+def crash_policy(derived_policy: Literal["wake", "hold"] = "wake") -> PolicyTable:
+    """The default table with a row for ``projected`` inputs that makes them runnable
+    (stage at run start, consumed on run completion); they wake the runtime, or with
+    ``hold`` stay queued until another input starts a run."""
+    d = PolicyTable.decision
+    wake = "wake_if_idle" if derived_policy == "wake" else "none"
+    row = PolicyRow(
+        d("stage_run_start", wake, "fifo", "on_run_complete"),
+        d("stage_run_start", "none", "fifo", "on_run_complete"),
+    )
+    return default_policy_table().with_rows({"projected": row})
+
+
+def _rebuild_projection(source: ProjectionSource, old: Input) -> Input | None:
+    content = old.content if isinstance(old, ProjectedInput) else ""
+    return ProjectedInput.new(source.rule_id, source.source_event_id, content)
+
+
+def crash_rebuilders() -> Rebuilders:
+    """Rebuilds the workload's projected inputs from their projection source (S13)."""
+    return Rebuilders(projection={RULE_ID: _rebuild_projection})
+
+
+# =================================================================================== files
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """One line of the ack log: an acknowledgement the child received from ``accept``."""
+
+    session: str
+    index: int
+    input_id: str
+    ack: str  # accepted | deduplicated
+    durability: str
+    pid: int
+
+
+def read_acks(path: Path | str) -> list[Ack]:
+    """The ack log's lines in order. A torn last line (killed mid-write) is not an
+    acknowledgement anyone received and is skipped."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    out: list[Ack] = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            doc = json.loads(line)
+            out.append(
+                Ack(
+                    str(doc["session"]),
+                    int(doc["index"]),
+                    str(doc["input_id"]),
+                    str(doc["ack"]),
+                    str(doc["durability"]),
+                    int(doc["pid"]),
+                )
+            )
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def read_outcomes(path: Path | str) -> dict[str, dict[str, Any]] | None:
+    """Input id -> waiter outcome document, or None if the file is missing."""
+    p = Path(path)
+    if not p.exists():
+        return None
+    out: dict[str, dict[str, Any]] = {}
+    for line in p.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            doc = json.loads(line)
+            out[str(doc["input_id"])] = dict(doc["outcome"])
+    return out
+
+
+def read_reports(path: Path | str) -> list[dict[str, Any]]:
+    """One entry per child that finished: its pid, recovery reports and rejections."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line]
+
+
+def _append_durably(fd: int, doc: dict[str, Any]) -> None:
+    os.write(fd, (json.dumps(doc, separators=(",", ":")) + "\n").encode("utf-8"))
+    os.fsync(fd)
+
+
+def _replace_file(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# =================================================================================== child
+
+
+def child_main(spec: ChildSpec) -> int:
+    """Run the child workload (see the module docstring); returns the exit code."""
+    logging.basicConfig(
+        level=logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
+    )
+    return asyncio.run(_child(spec))
+
+
+async def _child(spec: ChildSpec) -> int:
+    scripts = {s.id: s.script for s in spec.sessions}
+
+    def executor_factory(record: SessionRecord) -> CoreExecutor | None:
+        # the spec's script wins over the stored one, so a restart may change timings
+        script = scripts.get(record.session_id)
+        if script is None:
+            return None
+        return AgentExecutor(AgentConfig(offline_script=script), session_id=record.session_id)
+
+    config = RuntimeConfig(
+        max_attempts=spec.max_attempts,
+        backoff_base=spec.backoff_base,
+        backoff_max=spec.backoff_max,
+        shutdown_grace=spec.shutdown_grace,
+    )
+    rt = Runtime(
+        SqliteStore(spec.db),
+        policy=crash_policy(spec.derived_policy),
+        config=config,
+        rebuilders=crash_rebuilders(),
+        executor_factory=executor_factory,
+        lease_ttl=spec.lease_ttl,
+        poll_interval=spec.poll_interval,
+        owner_id=spec.owner_id,
+    )
+    # every id acknowledged to any process of this trial is waited for (S12: also after a
+    # restart); dict keeps first-ack order
+    waiting: dict[str, str] = {a.input_id: a.session for a in read_acks(spec.ack_log)}
+    rejected: list[dict[str, Any]] = []
+    async with rt:
+        for s in spec.sessions:
+            try:
+                await rt.get_session(s.id)
+            except SessionNotFoundError:
+                await rt.create_session(session_id=s.id, offline_script=s.script)
+        fd = os.open(spec.ack_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            for sid, index, ispec in spec.accept_order():
+                inp = input_for(sid, index, ispec)
+                outcome = await rt.accept(sid, inp)
+                if isinstance(outcome, Rejected):
+                    rejected.append(
+                        {
+                            "session": sid,
+                            "index": index,
+                            "code": outcome.code.value,
+                            "reason": outcome.reason,
+                        }
+                    )
+                    continue
+                iid = outcome.existing_id if isinstance(outcome, Deduplicated) else outcome.input_id
+                # the acknowledgement is recorded only after accept returned
+                _append_durably(
+                    fd,
+                    {
+                        "session": sid,
+                        "index": index,
+                        "input_id": str(iid),
+                        "ack": outcome.outcome_type,
+                        "durability": inp.header.durability.value,
+                        "pid": os.getpid(),
+                    },
+                )
+                waiting.setdefault(str(iid), sid)
+                if spec.accept_gap > 0:
+                    await asyncio.sleep(spec.accept_gap)
+        finally:
+            os.close(fd)
+        docs = await asyncio.gather(
+            *(_outcome_doc(rt, sid, iid, spec.wait_timeout) for iid, sid in waiting.items())
+        )
+        lines = [
+            json.dumps({"session": sid, "input_id": iid, "outcome": doc}, separators=(",", ":"))
+            for (iid, sid), doc in zip(waiting.items(), docs, strict=True)
+        ]
+        _replace_file(Path(spec.outcomes), "".join(line + "\n" for line in lines))
+        fd = os.open(spec.report, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            _append_durably(
+                fd,
+                {"pid": os.getpid(), "recovery_reports": rt.recovery_reports, "rejected": rejected},
+            )
+        finally:
+            os.close(fd)
+    return 0
+
+
+async def _outcome_doc(rt: Runtime, sid: str, iid: str, timeout: float) -> dict[str, Any]:
+    try:
+        outcome = await rt.wait(sid, iid, timeout)
+    except TimeoutError:
+        return {"outcome_type": "timeout", "after_seconds": timeout}
+    except InputNotFoundError as exc:
+        return {"outcome_type": "not_found", "error": str(exc)}
+    return outcome.to_json_dict()
+
+
+# ============================================================================ launching
+
+
+class _Child(Protocol):
+    pid: int | None
+
+    def wait(self, timeout: float | None) -> int | None: ...
+
+    def kill(self) -> None: ...
+
+
+def _child_env(crash_at: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("MEERKAT_CRASH_AT", None)
+    if crash_at:
+        env["MEERKAT_CRASH_AT"] = crash_at
+    return env
+
+
+class _SpawnedChild:
+    """``python -m meerkat_runtime.crashtest child @spec.json`` in a fresh interpreter."""
+
+    def __init__(self, spec_path: Path, crash_at: str | None, log_path: Path) -> None:
+        with open(log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "meerkat_runtime.crashtest", "child", f"@{spec_path}"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_child_env(crash_at),
+            )
+        self.pid: int | None = self._proc.pid
+
+    def wait(self, timeout: float | None) -> int | None:
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        if self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGKILL)
+
+
+_fork_lock = threading.Lock()
+_fork_ctx: Any = None
+
+
+def _forkserver() -> Any:
+    """The fork server context, its server preloading this module (and so the runtime)."""
+    global _fork_ctx
+    with _fork_lock:
+        if _fork_ctx is None:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["meerkat_runtime.crashtest"])
+            _fork_ctx = ctx
+        return _fork_ctx
+
+
+def _forked_main(spec_json: str, crash_at: str | None, log_path: str) -> None:
+    """Entry of a child forked by the fork server: same as the ``child`` command."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    # what a fresh interpreter would do at import: read the crash point, seed the id source
+    if crash_at:
+        os.environ["MEERKAT_CRASH_AT"] = crash_at
+    else:
+        os.environ.pop("MEERKAT_CRASH_AT", None)
+    _crash._target = _crash._parse(crash_at)
+    _crash._seen = 0
+    _ids._rand.seed(os.urandom(16))
+    sys.exit(child_main(ChildSpec.from_json(spec_json)))
+
+
+class _ForkedChild:
+    """A child forked from the fork server (a real process; ~100x faster to start)."""
+
+    def __init__(self, spec: ChildSpec, crash_at: str | None, log_path: Path) -> None:
+        ctx = _forkserver()
+        self._proc = ctx.Process(
+            target=_forked_main, args=(spec.to_json(), crash_at, str(log_path)), daemon=False
+        )
+        self._proc.start()
+        self.pid: int | None = self._proc.pid
+
+    def wait(self, timeout: float | None) -> int | None:
+        self._proc.join(timeout)
+        code = self._proc.exitcode
+        return None if code is None else int(code)
+
+    def kill(self) -> None:
+        if self._proc.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+
+
+def _launch(spec: ChildSpec, crash_at: str | None, launcher: Launcher, log_path: Path) -> _Child:
+    if launcher == "spawn":
+        spec_path = Path(spec.db).with_name("spec.json")
+        spec_path.write_text(spec.to_json(), encoding="utf-8")  # this launch's spec
+        return _SpawnedChild(spec_path, crash_at, log_path)
+    return _ForkedChild(spec, crash_at, log_path)
+
+
+@dataclass(slots=True)
+class ChildRun:
+    """How one child process ended: ``returncode`` (-9: SIGKILL), whether the parent sent
+    the kill, whether it hung (killed after ``timeout``), its log and how long it ran."""
+
+    returncode: int
+    parent_killed: bool
+    hung: bool
+    elapsed: float
+    log: Path
+
+    @property
+    def sigkilled(self) -> bool:
+        return self.returncode == -signal.SIGKILL
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def run_child(
+    spec: ChildSpec,
+    crash_at: str | None = None,
+    *,
+    kill_after: float | None = None,
+    timeout: float = 60.0,
+    launcher: Launcher = "spawn",
+    log_name: str = "child.log",
+) -> ChildRun:
+    """Run one child to its end: armed with ``crash_at`` (``point:n``), killed by the parent
+    with SIGKILL after ``kill_after`` seconds, or neither; a child still running after
+    ``timeout`` is killed and reported ``hung``."""
+    log_path = Path(spec.db).with_name(log_name)
+    start = time.monotonic()
+    child = _launch(spec, crash_at, launcher, log_path)
+    parent_killed = hung = False
+    code: int | None = None
+    if kill_after is not None:
+        code = child.wait(kill_after)
+        if code is None:
+            child.kill()
+            parent_killed = True
+    if code is None:
+        code = child.wait(timeout)
+    if code is None:
+        child.kill()
+        hung = True
+        code = child.wait(10.0)
+    return ChildRun(
+        returncode=-999 if code is None else code,
+        parent_killed=parent_killed,
+        hung=hung,
+        elapsed=time.monotonic() - start,
+        log=log_path,
+    )
+
+
+# =============================================================================== reading
+
+
+@dataclass(slots=True)
+class StoredInput:
+    runtime_id: str
+    input_id: str
+    current_state: str
+    is_terminal: bool
+    last_run_id: str | None
+    state_json: str
+
+    def state(self) -> InputState:
+        return InputState.from_json(self.state_json)
+
+
+@dataclass(slots=True)
+class StoredRow:
+    runtime_id: str
+    index: int
+    run_id: str | None
+    input_ids: list[str]
+    message: dict[str, Any]
+    digest: bytes
+
+
+@dataclass(slots=True)
+class DbView:
+    """What the store holds, read with a read-only connection (never through the runtime,
+    so a bug in the runtime's reads cannot hide one in its writes)."""
+
+    inputs: dict[str, StoredInput] = field(default_factory=dict)
+    rows: list[StoredRow] = field(default_factory=list)
+    runs: dict[str, RunRecord] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def rows_naming(self, input_id: str) -> list[StoredRow]:
+        return [r for r in self.rows if input_id in r.input_ids]
+
+    def tool_results(self, runtime_id: str | None = None) -> Counter[str]:
+        """tool_call_id -> number of tool result rows."""
+        return Counter(
+            str(r.message.get("tool_call_id"))
+            for r in self.rows
+            if r.message.get("role") == "tool" and runtime_id in (None, r.runtime_id)
+        )
+
+    def tool_calls(self, runtime_id: str | None = None) -> Counter[str]:
+        """tool call id -> number of assistant messages making that call."""
+        return Counter(
+            str(call.get("id"))
+            for r in self.rows
+            if r.message.get("role") == "assistant" and runtime_id in (None, r.runtime_id)
+            for call in r.message.get("tool_calls", [])
+        )
+
+    def recovery_reports(self, runtime_id: str | None = None) -> list[dict[str, Any]]:
+        """The data of every stored ``recovery.completed`` event, in order."""
+        out = []
+        for ev in self.events:
+            body = ev.get("event", {})
+            data = body.get("data") or {}
+            if (
+                body.get("category") == "recovery"
+                and data.get("code") == "completed"
+                and runtime_id in (None, ev.get("runtime_id"))
+            ):
+                out.append(dict(data))
+        return out
+
+    def terminal_states(self) -> dict[str, str]:
+        return {i: s.state_json for i, s in self.inputs.items() if s.is_terminal}
+
+
+def _connect_ro(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
+
+
+def read_db(path: Path | str) -> DbView:
+    """Everything the checks need from the database at ``path`` (empty if it does not exist
+    yet, or was killed before its schema was created)."""
+    p = Path(path)
+    view = DbView()
+    if not p.exists():
+        return view
+    conn = _connect_ro(p)
+    try:
+        conn.execute("BEGIN")  # one snapshot
+        try:
+            inputs = conn.execute(
+                "SELECT runtime_id, input_id, current_state, is_terminal, last_run_id, state_json"
+                " FROM input_states ORDER BY runtime_id, input_id"
+            ).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return view
+            raise
+        for rid, iid, cur, term, last, js in inputs:
+            view.inputs[iid] = StoredInput(rid, iid, cur, bool(term), last, js)
+        for rid, idx, run_id, ids, message, digest in conn.execute(
+            "SELECT runtime_id, idx, run_id, input_ids, message, digest FROM conversation_rows"
+            " ORDER BY runtime_id, idx"
+        ).fetchall():
+            view.rows.append(
+                StoredRow(rid, int(idx), run_id, list(json.loads(ids)), json.loads(message), digest)
+            )
+        for run_id, rid, status, result_json, error, cont in conn.execute(
+            "SELECT run_id, runtime_id, status, result_json, error, is_continuation FROM runs"
+        ).fetchall():
+            view.runs[run_id] = RunRecord(
+                RunId(run_id),
+                rid,
+                status,
+                RunResult.from_json(result_json) if result_json is not None else None,
+                error,
+                bool(cont),
+            )
+        view.events = [
+            json.loads(js)
+            for (js,) in conn.execute(
+                "SELECT event_json FROM events ORDER BY runtime_id, seq"
+            ).fetchall()
+        ]
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return view
+
+
+def terminal_snapshot(path: Path | str) -> dict[str, str]:
+    """input id -> stored state JSON of every terminal input (read-only)."""
+    return read_db(path).terminal_states()
+
+
+# ================================================================================ checks
+
+
+def _expected_outcome(db: DbView, iid: str, depth: int = 0) -> dict[str, Any] | None:
+    """S12's outcome for a stored input, from its stored state and its last run."""
+    stored = db.inputs.get(iid)
+    if stored is None or depth > 8:
+        return None
+    st = stored.state()
+    run = db.runs.get(str(st.last_run_id)) if st.last_run_id is not None else None
+    out = outcome_of(st, run)
+    if out is None:
+        return None
+    if isinstance(out, InputId):
+        return _expected_outcome(db, str(out), depth + 1)
+    return out.to_json_dict()
+
+
+def _chain_ok(rows: list[StoredRow]) -> str | None:
+    prev = bytes(32)
+    for n, r in enumerate(rows):
+        if r.index != n:
+            return f"row index {r.index} where {n} was expected (rows not contiguous)"
+        prev = hashlib.sha256(prev + canonical_bytes(r.message)).digest()
+        if prev != bytes(r.digest):
+            return f"digest of row {n} does not chain onto row {n - 1}"
+    return None
+
+
+def check_invariants(
+    db: DbView,
+    acks: Sequence[Ack],
+    outcomes: dict[str, dict[str, Any]] | None,
+    snapshots: Iterable[dict[str, str]] = (),
+) -> list[str]:
+    """The violations of (a)-(d) (see the module docstring), one message each; empty when
+    every invariant holds."""
+    out: list[str] = []
+    first: dict[str, Ack] = {}
+    for a in acks:
+        first.setdefault(a.input_id, a)
+    # (a) acknowledged inputs are kept and end terminal
+    for iid, a in first.items():
+        stored = db.inputs.get(iid)
+        ephemeral = a.durability == InputDurability.EPHEMERAL.value
+        if stored is None:
+            if not ephemeral:
+                out.append(
+                    f"(a) acknowledged {a.durability} input {iid} ({a.session}#{a.index}) "
+                    "is not in the store"
+                )
+            continue
+        if not stored.is_terminal:
+            out.append(
+                f"(a) acknowledged input {iid} ({a.session}#{a.index}) is still "
+                f"{stored.current_state} after the restart finished"
+            )
+            continue
+        term = json.loads(stored.state_json).get("terminal_outcome") or {}
+        if not ephemeral and term.get("reason") == "recovery_failed":
+            out.append(
+                f"(a) {a.durability} input {iid} ({a.session}#{a.index}) ended "
+                "abandoned{recovery_failed}: a durable input was lost"
+            )
+    # (b) nothing applied twice
+    named: Counter[tuple[str, str]] = Counter()
+    by_runtime: dict[str, list[StoredRow]] = {}
+    for r in db.rows:
+        by_runtime.setdefault(r.runtime_id, []).append(r)
+        for i in r.input_ids:
+            named[(r.runtime_id, i)] += 1
+    for (rid, iid), n in sorted(named.items()):
+        if n > 1:
+            out.append(f"(b) input {iid} of {rid} is named by {n} conversation rows")
+    for iid, stored in db.inputs.items():
+        if stored.current_state != "consumed" or stored.last_run_id is None:
+            continue
+        run = db.runs.get(stored.last_run_id)
+        if run is None or run.status != "completed":
+            continue
+        n = named.get((stored.runtime_id, iid), 0)
+        if n != 1:
+            out.append(
+                f"(b) input {iid} of {stored.runtime_id} was consumed by completed run "
+                f"{stored.last_run_id} but is named by {n} conversation rows"
+            )
+    for rid, rows in sorted(by_runtime.items()):
+        problem = _chain_ok(rows)
+        if problem is not None:
+            out.append(f"(b) conversation of {rid}: {problem}")
+        for call_id, n in sorted(db.tool_results(rid).items()):
+            if n > 1:
+                out.append(f"(b) tool call {call_id} of {rid} has {n} result rows (run twice)")
+        for call_id, n in sorted(db.tool_calls(rid).items()):
+            if n > 1:
+                out.append(f"(b) tool call {call_id} of {rid} was made by {n} assistant rows")
+    # (c) every waiter resolved, with the outcome the store implies
+    if outcomes is None:
+        out.append("(c) the restarted child wrote no outcomes")
+    else:
+        for iid, a in first.items():
+            doc = outcomes.get(iid)
+            if doc is None:
+                out.append(f"(c) no waiter outcome for acknowledged input {iid}")
+                continue
+            kind = doc.get("outcome_type")
+            if kind == "not_found":
+                if db.inputs.get(iid) is not None or a.durability != "ephemeral":
+                    out.append(f"(c) waiter of {iid} answered not_found: {doc.get('error')}")
+                continue
+            if kind in ("timeout", "terminated"):
+                out.append(f"(c) waiter of {iid} did not resolve: {json.dumps(doc)}")
+                continue
+            want = _expected_outcome(db, iid)
+            if want is None:
+                continue  # non-terminal: reported under (a)
+            same = want.get("outcome_type") == kind and want.get("reason") == doc.get("reason")
+            if not same:
+                out.append(
+                    f"(c) waiter of {iid} answered {json.dumps(doc)}; the store implies "
+                    f"{json.dumps(want)}"
+                )
+    # (d) terminal states never change
+    for snap in snapshots:
+        for iid, before in snap.items():
+            now = db.inputs.get(iid)
+            if now is None:
+                out.append(f"(d) terminal input {iid} disappeared from the store")
+            elif now.state_json != before:
+                out.append(
+                    f"(d) terminal input {iid} changed after the crash: "
+                    f"{json.loads(before).get('current_state')} -> {now.current_state}"
+                )
+    return out
+
+
+# ================================================================================ trials
+
+
+def _script(rng: random.Random, runs: int) -> list[dict[str, Any]]:
+    """A tool call then a text answer per run (so every run passes its boundary, a
+    checkpoint and its completion), now and then a transient scripted failure (before the
+    boundary, S4, or after it, S5)."""
+    steps: list[dict[str, Any]] = []
+    for i in range(runs + 1):
+        if rng.random() < 0.12:
+            steps.append(
+                {
+                    "type": "fail",
+                    "error": "crashtest: scripted transient failure",
+                    "phase": rng.choice(["model", "before_boundary"]),
+                }
+            )
+        steps.append(
+            {
+                "type": "tool",
+                "name": "crash_tool",
+                "args": {"n": i},
+                "duration": round(rng.uniform(0.001, 0.01), 4),
+                "result": f"tool result {i}",
+            }
+        )
+        steps.append({"type": "text", "text": f"answer {i}"})
+    return steps
+
+
+def _workload(rng: random.Random, directory: Path, takeover: bool) -> ChildSpec:
+    sessions: list[SessionSpec] = []
+    for s in range(2):
+        inputs = [InputSpec("prompt") for _ in range(rng.randint(2, 3))]
+        if rng.random() < 0.5:
+            inputs.insert(rng.randint(0, len(inputs)), InputSpec("ephemeral"))
+        if rng.random() < 0.5:
+            inputs.insert(rng.randint(0, len(inputs)), InputSpec("projected"))
+        sessions.append(SessionSpec(f"crash-s{s}", _script(rng, len(inputs)), inputs))
+    options: dict[str, Any] = {"wait_timeout": 20.0}
+    if takeover:
+        options.update(owner_id=None, lease_ttl=1.0)
+    return ChildSpec.in_dir(directory, sessions, **options)
+
+
+def _bound(point: str, spec: ChildSpec) -> int:
+    """How many times a clean run of ``spec`` passes ``point`` (about)."""
+    inputs = [i for s in spec.sessions for i in s.inputs]
+    if point == "accept.committed":
+        return max(1, sum(1 for i in inputs if i.type != "ephemeral"))
+    if point == "recovery.after":
+        return len(spec.sessions)
+    return max(1, len(inputs))
+
+
+@dataclass(slots=True)
+class _Stage:
+    crash_at: str | None  # point:n, or None for a parent kill / a clean run
+    kill_fraction: float | None  # random: kill after this fraction of a clean run's time
+
+
+@dataclass(slots=True)
+class _Plan:
+    index: int
+    point: str
+    stages: list[_Stage]
+    spec: ChildSpec
+    takeover: bool
+
+
+def _plan(index: int, point: str, seed: int, trial_dir: Path) -> _Plan:
+    rng = random.Random(f"{seed}:{index}")
+    takeover = rng.random() < 0.15
+    spec = _workload(rng, trial_dir, takeover)
+
+    def stage(p: str) -> _Stage:
+        if p == RANDOM:
+            return _Stage(None, rng.random())
+        return _Stage(f"{p}:{rng.randint(1, _bound(p, spec))}", None)
+
+    stages: list[_Stage] = []
+    if point == "recovery.after":  # needs a predecessor that left something to recover
+        stages.append(stage(rng.choice([p for p in KILL_POINTS if p != "recovery.after"])))
+    stages.append(stage(point))
+    return _Plan(index, point, stages, spec, takeover)
+
+
+@dataclass(slots=True)
+class TrialResult:
+    """One trial: its kill point, what ``MEERKAT_CRASH_AT`` said, whether the child died of
+    SIGKILL at that point (``killed``), how many SIGKILLs the trial delivered in all (a
+    setup kill included), and the violations found."""
+
+    index: int
+    point: str
+    crash_at: str
+    killed: bool
+    sigkills: int
+    violations: list[str]
+    elapsed: float
+    directory: str
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Violation:
+    trial: int
+    point: str
+    crash_at: str
+    message: str
+    directory: str
+
+
+class _Clock:
+    """A running estimate of a clean child's wall time, to spread ``random`` kills over it."""
+
+    def __init__(self, initial: float) -> None:
+        self.value = initial
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        with self._lock:
+            self.value = 0.8 * self.value + 0.2 * min(seconds, 5.0)
+
+
+def _run_trial(plan: _Plan, launcher: Launcher, clock: _Clock, timeout: float) -> TrialResult:
+    started = time.monotonic()
+    spec = plan.spec
+    directory = Path(spec.db).parent
+    directory.mkdir(parents=True, exist_ok=True)
+    violations: list[str] = []
+    notes: list[str] = []
+    snapshots: list[dict[str, str]] = []
+    sigkills = 0
+    killed = False
+    crash_at = ""
+    if plan.takeover:
+        notes.append("takeover")
+    for n, st in enumerate(plan.stages):
+        last = n == len(plan.stages) - 1
+        kill_after = None if st.kill_fraction is None else st.kill_fraction * clock.value
+        run = run_child(
+            spec,
+            st.crash_at,
+            kill_after=kill_after,
+            timeout=timeout,
+            launcher=launcher,
+            log_name=f"child-{n}.log",
+        )
+        label = st.crash_at or f"random@{kill_after:.3f}s"
+        if last:
+            crash_at = label
+        if run.sigkilled and not run.hung:
+            sigkills += 1
+            killed = killed or last
+        elif run.hung:
+            violations.append(
+                f"(c) child armed with {label} hung for {timeout:.0f}s; log:\n{run.log_tail()}"
+            )
+        elif run.returncode == 0:
+            notes.append(f"{label}: finished without reaching the point")
+        else:
+            violations.append(
+                f"child armed with {label} exited with code {run.returncode}; log:\n"
+                f"{run.log_tail()}"
+            )
+        snapshots.append(terminal_snapshot(spec.db))
+    # the clean restart: recovers, finishes, answers every waiter
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(spec.outcomes)
+    final = run_child(spec, None, timeout=timeout, launcher=launcher, log_name="child-final.log")
+    if final.returncode == 0:
+        clock.observe(final.elapsed)
+    else:
+        what = f"hung for {timeout:.0f}s" if final.hung else f"exited with {final.returncode}"
+        violations.append(f"(c) the restarted child {what}; log:\n{final.log_tail()}")
+    acks = read_acks(spec.ack_log)
+    db = read_db(spec.db)
+    violations.extend(check_invariants(db, acks, read_outcomes(spec.outcomes), snapshots))
+    lost = [a for a in acks if a.durability == "ephemeral" and db.inputs.get(a.input_id) is None]
+    if lost:
+        notes.append(f"{len(lost)} ephemeral input(s) lost before any commit")
+    return TrialResult(
+        index=plan.index,
+        point=plan.point,
+        crash_at=crash_at,
+        killed=killed,
+        sigkills=sigkills,
+        violations=violations,
+        elapsed=time.monotonic() - started,
+        directory=str(directory),
+        notes=notes,
+    )
+
+
+@dataclass(slots=True)
+class PointStats:
+    """Per kill point: trials run, trials whose child died of SIGKILL at the point, trials in
+    which it finished without reaching it, and trials with at least one violation."""
+
+    point: str
+    runs: int = 0
+    killed: int = 0
+    not_reached: int = 0
+    violations: int = 0
+
+
+@dataclass(slots=True)
+class CrashtestReport:
+    seed: int
+    trials: int
+    sigkills: int
+    elapsed: float
+    workdir: str
+    launcher: str
+    points: dict[str, PointStats]
+    violations: list[Violation]
+    notes: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    @property
+    def killed(self) -> int:
+        return sum(p.killed for p in self.points.values())
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "seed": self.seed,
+            "trials": self.trials,
+            "killed_at_point": self.killed,
+            "sigkills": self.sigkills,
+            "elapsed_seconds": round(self.elapsed, 2),
+            "workdir": self.workdir,
+            "launcher": self.launcher,
+            "points": [asdict(p) for p in self.points.values()],
+            "violations": [asdict(v) for v in self.violations],
+            "notes": dict(self.notes),
+        }
+
+
+ProgressCallback = Callable[[int, int, TrialResult], None]
+
+
+def run_crashtest(
+    kills: int = 50,
+    seed: int = 0,
+    workdir: Path | None = None,
+    points: Sequence[str] | None = None,
+    progress: ProgressCallback | None = None,
+    *,
+    jobs: int | None = None,
+    launcher: Launcher = "fork",
+    timeout: float = 60.0,
+    keep: bool = False,
+) -> CrashtestReport:
+    """Run ``kills`` trials (see the module docstring), ``jobs`` at a time, cycling through
+    ``points`` (default: every crash point and ``random``). Each trial works in its own
+    directory under ``workdir`` (default: a new temporary directory); passing trials' files
+    are deleted unless ``keep``, failing ones are kept and named in the violations.
+
+    ``progress(done, total, trial)`` is called in the calling thread after each trial.
+    Deterministic for a seed, except where timing decides (``random`` kills, the interleaving
+    of concurrent runs).
+    """
+    chosen = list(points) if points else list(KILL_POINTS)
+    unknown = [p for p in chosen if p not in KILL_POINTS]
+    if unknown:
+        raise ValueError(f"unknown kill point(s) {unknown}; known: {', '.join(KILL_POINTS)}")
+    if kills < 0:
+        raise ValueError("kills must not be negative")
+    own_dir = workdir is None
+    root = Path(tempfile.mkdtemp(prefix="meerkat-crashtest-")) if workdir is None else workdir
+    root.mkdir(parents=True, exist_ok=True)
+    jobs = jobs or max(1, min(4, os.cpu_count() or 1))
+    clock = _Clock(0.4 if launcher == "fork" else 1.2)
+    stats = {p: PointStats(p) for p in chosen}
+    report = CrashtestReport(seed, kills, 0, 0.0, str(root), launcher, stats, [])
+    started = time.monotonic()
+    plans = [_plan(i, chosen[i % len(chosen)], seed, root / f"trial-{i:05d}") for i in range(kills)]
+    done = 0
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="crashtest") as pool:
+        pending: set[Future[TrialResult]] = set()
+        queue = iter(plans)
+
+        def submit_next() -> None:
+            plan = next(queue, None)
+            if plan is not None:
+                pending.add(pool.submit(_run_trial, plan, launcher, clock, timeout))
+
+        for _ in range(jobs):
+            submit_next()
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                pending.discard(fut)
+                result = fut.result()
+                submit_next()
+                done += 1
+                st = stats[result.point]
+                st.runs += 1
+                st.killed += int(result.killed)
+                st.not_reached += int(not result.killed)
+                st.violations += int(bool(result.violations))
+                report.sigkills += result.sigkills
+                for note in result.notes:
+                    report.notes[note.split(": ", 1)[-1] if ": " in note else note] += 1
+                for message in result.violations:
+                    report.violations.append(
+                        Violation(
+                            result.index, result.point, result.crash_at, message, result.directory
+                        )
+                    )
+                if not result.violations and not keep:
+                    shutil.rmtree(result.directory, ignore_errors=True)
+                if progress is not None:
+                    progress(done, kills, result)
+    report.violations.sort(key=lambda v: v.trial)
+    report.elapsed = time.monotonic() - started
+    if own_dir and report.ok and not keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return report
+
+
+# ================================================================================== main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m meerkat_runtime.crashtest child SPEC_JSON`` (or ``child @spec.json``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2 or args[0] != "child":
+        print(
+            "usage: python -m meerkat_runtime.crashtest child SPEC_JSON | child @SPEC_FILE\n"
+            "(the parent side is `meerkat crashtest`)",
+            file=sys.stderr,
+        )
+        return 2
+    text = args[1]
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text(encoding="utf-8")
+    return child_main(ChildSpec.from_json(text))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
