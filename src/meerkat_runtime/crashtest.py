@@ -48,21 +48,24 @@ restart. Trials whose owner id changes between processes (``takeover``) also exe
 expiry and the durable inbox (S10).
 
 Children are started either as fresh interpreters (``launcher="spawn"``: exactly
-``python -m meerkat_runtime.crashtest child ...``) or, much faster, forked from a
-``multiprocessing`` fork server that has already imported the package (``launcher="fork"``);
-either way each child is a real process killed with a real SIGKILL.
+``python -m meerkat_runtime.crashtest child ...``) or, about fifty times faster, forked by a
+*zygote* (``launcher="fork"``): a single-threaded helper process that imported the package
+once and forks one child per request (see ``_zygote_main``). Either way each child is a real
+process that dies of a real SIGKILL; a forked child re-reads ``MEERKAT_CRASH_AT`` and reseeds
+the id generator, as a fresh interpreter would.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import random
+import selectors
 import shutil
 import signal
 import sqlite3
@@ -71,6 +74,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -88,7 +92,17 @@ from .errors import InputNotFoundError, SessionNotFoundError
 from .host import Runtime
 from .runtime.driver import Rebuilders, RuntimeConfig
 from .runtime.input_state import InputState, ProjectionSource
-from .runtime.inputs import Input, InputDurability, ProjectedInput, PromptInput
+from .runtime.inputs import (
+    Input,
+    InputDurability,
+    MessageConvention,
+    PeerInput,
+    ProjectedInput,
+    PromptInput,
+    ResponseProgressConvention,
+    ResponseProgressPhase,
+    SystemGeneratedInput,
+)
 from .runtime.outcomes import Deduplicated, Rejected, outcome_of
 from .runtime.policy import PolicyRow, PolicyTable, default_policy_table
 from .store.base import RunRecord, SessionRecord
@@ -133,13 +147,16 @@ Launcher = Literal["fork", "spawn"]
 
 # ==================================================================================== spec
 
-InputType = Literal["prompt", "ephemeral", "projected"]
+InputType = Literal["prompt", "ephemeral", "projected", "peer_message", "progress", "system"]
 
 
 @dataclass(slots=True)
 class InputSpec:
-    """One input of a session's workload: a durable prompt, an ephemeral prompt, or a derived
-    projected input (system origin, ``projection{RULE_ID, <session>:event:<index>}``)."""
+    """One input of a session's workload: a durable prompt, an ephemeral prompt, a derived
+    projected input (system origin, ``projection{RULE_ID, <session>:event:<index>}``), a peer
+    message (joins an active run at its next checkpoint, S1/S16), a peer progress response
+    (never wakes; coalesced with its like at a run start or checkpoint, S3) or a system notice
+    (``inject_now``: a context append with no model call, consumed at its boundary)."""
 
     type: InputType = "prompt"
     text: str = ""
@@ -234,6 +251,17 @@ def input_for(session_id: str, index: int, spec: InputSpec) -> Input:
         return PromptInput.new(text, idempotency_key=key)
     if spec.type == "ephemeral":
         return PromptInput.new(text, idempotency_key=key, durability=InputDurability.EPHEMERAL)
+    if spec.type == "system":
+        return SystemGeneratedInput.new("crashtest", text, idempotency_key=key)
+    if spec.type == "peer_message":
+        return PeerInput.new(
+            text, peer_id="crash-peer", convention=MessageConvention(), idempotency_key=key
+        )
+    if spec.type == "progress":
+        progress = ResponseProgressConvention(
+            request_id=f"{session_id}:request", phase=ResponseProgressPhase.IN_PROGRESS
+        )
+        return PeerInput.new(text, peer_id="crash-peer", convention=progress, idempotency_key=key)
     return ProjectedInput.new(RULE_ID, f"{session_id}:event:{index}", text, idempotency_key=key)
 
 
@@ -491,28 +519,9 @@ class _SpawnedChild:
                 self._proc.send_signal(signal.SIGKILL)
 
 
-_fork_lock = threading.Lock()
-_fork_ctx: Any = None
-
-
-def _forkserver() -> Any:
-    """The fork server context, its server preloading this module (and so the runtime)."""
-    global _fork_ctx
-    with _fork_lock:
-        if _fork_ctx is None:
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["meerkat_runtime.crashtest"])
-            _fork_ctx = ctx
-        return _fork_ctx
-
-
-def _forked_main(spec_json: str, crash_at: str | None, log_path: str) -> None:
-    """Entry of a child forked by the fork server: same as the ``child`` command."""
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    # what a fresh interpreter would do at import: read the crash point, seed the id source
+def _arm(crash_at: str | None) -> None:
+    """In a forked child: what a fresh interpreter does at import, i.e. read the crash point
+    from ``MEERKAT_CRASH_AT`` and seed the id generator (a fork copies its state)."""
     if crash_at:
         os.environ["MEERKAT_CRASH_AT"] = crash_at
     else:
@@ -520,29 +529,219 @@ def _forked_main(spec_json: str, crash_at: str | None, log_path: str) -> None:
     _crash._target = _crash._parse(crash_at)
     _crash._seen = 0
     _ids._rand.seed(os.urandom(16))
-    sys.exit(child_main(ChildSpec.from_json(spec_json)))
+    random.seed()
+
+
+def _zygote_child(spec_json: str, crash_at: str | None, log_path: str) -> int:
+    """Runs in the freshly forked child of the zygote; never returns (``os._exit``)."""
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        _arm(crash_at)
+        code = child_main(ChildSpec.from_json(spec_json))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(BaseException):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _zygote_main() -> int:
+    """The zygote: a single-threaded process that has imported the runtime once and forks a
+    child per request, so children start in milliseconds instead of half a second.
+
+    Protocol (JSON lines): it writes ``{"ready": pid}``; then reads
+    ``{"start": id, "spec": json, "crash_at": str|null, "log": path}`` (answered
+    ``{"started": id, "pid": pid}``) and ``{"kill": pid}`` (SIGKILL, sent only while the child
+    is not reaped, so a recycled pid is never hit); it reports every child's end as
+    ``{"exited": pid, "code": returncode}`` (-9: SIGKILL). At end of input it kills the
+    children still running, reaps them and exits.
+    """
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(wake_w)
+    live: set[int] = set()
+
+    def send(doc: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(doc) + "\n")
+        sys.stdout.flush()
+
+    def reap() -> None:
+        while live:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            live.discard(pid)
+            send({"exited": pid, "code": os.waitstatus_to_exitcode(status)})
+
+    sel = selectors.DefaultSelector()
+    sel.register(0, selectors.EVENT_READ, "in")
+    sel.register(wake_r, selectors.EVENT_READ, "chld")
+    send({"ready": os.getpid()})
+    buf = b""
+    eof = False
+    while not eof or live:
+        for key, _ in sel.select(timeout=0.5):
+            if key.data == "chld":
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_r, 4096)
+                continue
+            data = os.read(0, 1 << 20)
+            if not data:
+                eof = True
+                sel.unregister(0)
+                for pid in live:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                continue
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                cmd = json.loads(line)
+                if "kill" in cmd:
+                    if cmd["kill"] in live:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(int(cmd["kill"]), signal.SIGKILL)
+                    continue
+                pid = os.fork()
+                if pid == 0:
+                    sel.close()
+                    os.close(wake_r)
+                    os.close(wake_w)
+                    _zygote_child(str(cmd["spec"]), cmd.get("crash_at"), str(cmd["log"]))
+                live.add(pid)
+                send({"started": cmd["start"], "pid": pid})
+        reap()
+    return 0
+
+
+class Zygote:
+    """The parent's handle on a zygote process (see ``_zygote_main``); thread-safe."""
+
+    def __init__(self) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "meerkat_runtime.crashtest", "zygote"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=_child_env(None),
+        )
+        self._write_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._started: dict[int, int] = {}
+        self._exited: dict[int, int] = {}
+        self._ready = False
+        self._dead = False
+        self._next = 0
+        self._reader = threading.Thread(target=self._read, name="crashtest-zygote", daemon=True)
+        self._reader.start()
+        with self._cond:
+            self._cond.wait_for(lambda: self._ready or self._dead, 60.0)
+            if not self._ready:
+                raise RuntimeError("the crashtest zygote did not start")
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            doc = json.loads(line)
+            with self._cond:
+                if "started" in doc:
+                    self._started[int(doc["started"])] = int(doc["pid"])
+                elif "exited" in doc:
+                    self._exited[int(doc["exited"])] = int(doc["code"])
+                elif "ready" in doc:
+                    self._ready = True
+                self._cond.notify_all()
+        with self._cond:
+            self._dead = True
+            self._cond.notify_all()
+
+    @property
+    def alive(self) -> bool:
+        return not self._dead and self._proc.poll() is None
+
+    def _send(self, doc: dict[str, Any]) -> None:
+        assert self._proc.stdin is not None
+        with self._write_lock:
+            self._proc.stdin.write((json.dumps(doc) + "\n").encode("utf-8"))
+            self._proc.stdin.flush()
+
+    def start(self, spec: ChildSpec, crash_at: str | None, log_path: Path) -> int:
+        with self._write_lock:
+            rid = self._next
+            self._next += 1
+        self._send(
+            {"start": rid, "spec": spec.to_json(), "crash_at": crash_at, "log": str(log_path)}
+        )
+        with self._cond:
+            self._cond.wait_for(lambda: rid in self._started or self._dead, 60.0)
+            if rid not in self._started:
+                raise RuntimeError("the crashtest zygote died")
+            return self._started.pop(rid)
+
+    def wait(self, pid: int, timeout: float | None) -> int | None:
+        with self._cond:
+            self._cond.wait_for(lambda: pid in self._exited or self._dead, timeout)
+            return self._exited.get(pid)
+
+    def kill(self, pid: int) -> None:
+        with contextlib.suppress(OSError):
+            self._send({"kill": pid})
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            if self._proc.stdin is not None:
+                self._proc.stdin.close()
+        try:
+            self._proc.wait(15.0)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+
+_zygote_lock = threading.Lock()
+_zygote: Zygote | None = None
+
+
+def _shared_zygote() -> Zygote:
+    global _zygote
+    with _zygote_lock:
+        if _zygote is None or not _zygote.alive:
+            _zygote = Zygote()
+            atexit.register(_zygote.close)
+        return _zygote
 
 
 class _ForkedChild:
-    """A child forked from the fork server (a real process; ~100x faster to start)."""
+    """A child forked by the zygote: a real process, started in milliseconds."""
 
     def __init__(self, spec: ChildSpec, crash_at: str | None, log_path: Path) -> None:
-        ctx = _forkserver()
-        self._proc = ctx.Process(
-            target=_forked_main, args=(spec.to_json(), crash_at, str(log_path)), daemon=False
-        )
-        self._proc.start()
-        self.pid: int | None = self._proc.pid
+        self._zygote = _shared_zygote()
+        self.pid: int | None = self._zygote.start(spec, crash_at, log_path)
 
     def wait(self, timeout: float | None) -> int | None:
-        self._proc.join(timeout)
-        code = self._proc.exitcode
-        return None if code is None else int(code)
+        assert self.pid is not None
+        return self._zygote.wait(self.pid, timeout)
 
     def kill(self) -> None:
-        if self._proc.exitcode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.kill()
+        assert self.pid is not None
+        self._zygote.kill(self.pid)
 
 
 def _launch(spec: ChildSpec, crash_at: str | None, launcher: Launcher, log_path: Path) -> _Child:
@@ -691,6 +890,15 @@ def _connect_ro(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
 
 
+def _connect_query_only(path: Path) -> sqlite3.Connection:
+    """For a file a read-only connection cannot open: a killed writer can leave a WAL whose
+    index must be rebuilt first, which SQLite does only on a connection that may write. The
+    rebuild changes no data; ``query_only`` keeps this connection from writing any."""
+    conn = sqlite3.connect(str(path), timeout=10.0)
+    conn.execute("PRAGMA query_only = ON")
+    return conn
+
+
 def read_db(path: Path | str) -> DbView:
     """Everything the checks need from the database at ``path`` (empty if it does not exist
     yet, or was killed before its schema was created)."""
@@ -698,7 +906,15 @@ def read_db(path: Path | str) -> DbView:
     view = DbView()
     if not p.exists():
         return view
-    conn = _connect_ro(p)
+    try:
+        return _read_db(_connect_ro(p), view)
+    except sqlite3.OperationalError as exc:
+        if "readonly" not in str(exc) and "read-only" not in str(exc):
+            raise
+    return _read_db(_connect_query_only(p), DbView())
+
+
+def _read_db(conn: sqlite3.Connection, view: DbView) -> DbView:
     try:
         conn.execute("BEGIN")  # one snapshot
         try:
@@ -914,13 +1130,27 @@ def _script(rng: random.Random, runs: int) -> list[dict[str, Any]]:
 
 
 def _workload(rng: random.Random, directory: Path, takeover: bool) -> ChildSpec:
+    """Two sessions, each with two or three durable prompts and, at random, an ephemeral
+    prompt, a derived projected input, a peer message, progress responses and a system
+    notice. The last input
+    of a session is always a prompt, so inputs that do not wake the runtime (progress) are
+    always followed by a run they can ride along with (S17)."""
     sessions: list[SessionSpec] = []
     for s in range(2):
         inputs = [InputSpec("prompt") for _ in range(rng.randint(2, 3))]
+        extras: list[InputType] = []
         if rng.random() < 0.5:
-            inputs.insert(rng.randint(0, len(inputs)), InputSpec("ephemeral"))
+            extras.append("ephemeral")
         if rng.random() < 0.5:
-            inputs.insert(rng.randint(0, len(inputs)), InputSpec("projected"))
+            extras.append("projected")
+        if rng.random() < 0.4:
+            extras.append("peer_message")
+        if rng.random() < 0.3:
+            extras.extend(["progress"] * rng.randint(1, 2))
+        if rng.random() < 0.3:
+            extras.append("system")
+        for kind in extras:
+            inputs.insert(rng.randint(0, len(inputs) - 1), InputSpec(kind))
         sessions.append(SessionSpec(f"crash-s{s}", _script(rng, len(inputs)), inputs))
     options: dict[str, Any] = {"wait_timeout": 20.0}
     if takeover:
@@ -949,6 +1179,7 @@ class _Plan:
     index: int
     point: str
     stages: list[_Stage]
+    target: int  # the stage armed with ``point``
     spec: ChildSpec
     takeover: bool
 
@@ -966,8 +1197,11 @@ def _plan(index: int, point: str, seed: int, trial_dir: Path) -> _Plan:
     stages: list[_Stage] = []
     if point == "recovery.after":  # needs a predecessor that left something to recover
         stages.append(stage(rng.choice([p for p in KILL_POINTS if p != "recovery.after"])))
+    target = len(stages)
     stages.append(stage(point))
-    return _Plan(index, point, stages, spec, takeover)
+    if rng.random() < 0.2:  # now and then the recovering process is killed too
+        stages.append(stage(RANDOM))
+    return _Plan(index, point, stages, target, spec, takeover)
 
 
 @dataclass(slots=True)
@@ -997,7 +1231,8 @@ class Violation:
 
 
 class _Clock:
-    """A running estimate of a clean child's wall time, to spread ``random`` kills over it."""
+    """A running estimate of the wall time of a child that runs the whole workload without
+    being killed, to spread ``random`` kills over it."""
 
     def __init__(self, initial: float) -> None:
         self.value = initial
@@ -1010,6 +1245,24 @@ class _Clock:
 
 def _run_trial(plan: _Plan, launcher: Launcher, clock: _Clock, timeout: float) -> TrialResult:
     started = time.monotonic()
+    try:
+        return _trial(plan, launcher, clock, timeout, started)
+    except Exception:  # a fault of the kit itself: reported, never swallowed
+        return TrialResult(
+            index=plan.index,
+            point=plan.point,
+            crash_at="",
+            killed=False,
+            sigkills=0,
+            violations=[f"kit error (not a runtime violation):\n{traceback.format_exc()}"],
+            elapsed=time.monotonic() - started,
+            directory=str(Path(plan.spec.db).parent),
+        )
+
+
+def _trial(
+    plan: _Plan, launcher: Launcher, clock: _Clock, timeout: float, started: float
+) -> TrialResult:
     spec = plan.spec
     directory = Path(spec.db).parent
     directory.mkdir(parents=True, exist_ok=True)
@@ -1022,7 +1275,7 @@ def _run_trial(plan: _Plan, launcher: Launcher, clock: _Clock, timeout: float) -
     if plan.takeover:
         notes.append("takeover")
     for n, st in enumerate(plan.stages):
-        last = n == len(plan.stages) - 1
+        last = n == plan.target
         kill_after = None if st.kill_fraction is None else st.kill_fraction * clock.value
         run = run_child(
             spec,
@@ -1043,7 +1296,10 @@ def _run_trial(plan: _Plan, launcher: Launcher, clock: _Clock, timeout: float) -
                 f"(c) child armed with {label} hung for {timeout:.0f}s; log:\n{run.log_tail()}"
             )
         elif run.returncode == 0:
-            notes.append(f"{label}: finished without reaching the point")
+            if not plan.takeover:
+                clock.observe(run.elapsed)
+            if last:
+                notes.append(f"{label}: finished without reaching the point")
         else:
             violations.append(
                 f"child armed with {label} exited with code {run.returncode}; log:\n"
@@ -1054,9 +1310,7 @@ def _run_trial(plan: _Plan, launcher: Launcher, clock: _Clock, timeout: float) -
     with contextlib.suppress(FileNotFoundError):
         os.unlink(spec.outcomes)
     final = run_child(spec, None, timeout=timeout, launcher=launcher, log_name="child-final.log")
-    if final.returncode == 0:
-        clock.observe(final.elapsed)
-    else:
+    if final.returncode != 0:
         what = f"hung for {timeout:.0f}s" if final.hung else f"exited with {final.returncode}"
         violations.append(f"(c) the restarted child {what}; log:\n{final.log_tail()}")
     acks = read_acks(spec.ack_log)
@@ -1215,13 +1469,15 @@ def run_crashtest(
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m meerkat_runtime.crashtest child SPEC_JSON`` (or ``child @spec.json``)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 2 or args[0] != "child":
+    if args != ["zygote"] and (len(args) != 2 or args[0] != "child"):
         print(
             "usage: python -m meerkat_runtime.crashtest child SPEC_JSON | child @SPEC_FILE\n"
             "(the parent side is `meerkat crashtest`)",
             file=sys.stderr,
         )
         return 2
+    if args == ["zygote"]:
+        return _zygote_main()
     text = args[1]
     if text.startswith("@"):
         text = Path(text[1:]).read_text(encoding="utf-8")

@@ -44,7 +44,7 @@ from .errors import (
 )
 from .runtime.driver import Rebuilders, RuntimeConfig, SessionRuntime, validate_input
 from .runtime.events import RuntimeEventEnvelope
-from .runtime.input_state import InputState, ReconstructionSource
+from .runtime.input_state import CoalescedOutcome, InputState, ReconstructionSource
 from .runtime.inputs import ExternalEventInput, Input, content_hash, kind_id, parse_input
 from .runtime.outcomes import (
     Accepted,
@@ -491,9 +491,13 @@ class Runtime:
             outcome, fut = await rt.accept(
                 raw, reconstruction_source=source, register_waiter=waiter
             )
-            if isinstance(outcome, Rejected) or fut is None:
+            if isinstance(outcome, Rejected) or not waiter:
                 return CompletionHandle(outcome, fut)
             target = outcome.existing_id if isinstance(outcome, Deduplicated) else outcome.input_id
+            if fut is None:  # deduplicated onto an input this process has not loaded
+                return CompletionHandle(
+                    outcome, None, lambda timeout: self.wait(session_id, target, timeout)
+                )
             owner = rt
             return CompletionHandle(
                 outcome,
@@ -581,8 +585,16 @@ class Runtime:
             stored = await self._outcome_from_store(session_id, iid)
             if stored is not None:
                 return stored
+            state = await self.store.load_input_state(session_id, iid)
+            if state is not None and isinstance(state.terminal_outcome, CoalescedOutcome):
+                # coalesced (e.g. before a restart) into an aggregate that is still pending:
+                # the waiter follows the aggregate (S12)
+                agg = state.terminal_outcome.aggregate_id
+                followed: WaitOutcome = with_via(await self._wait(session_id, agg), agg, iid)
+                return followed
             if (
                 rt is not None
+                and state is None
                 and iid not in rt._entries
                 and not await self._in_inbox(session_id, iid)
             ):

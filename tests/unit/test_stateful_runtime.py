@@ -19,6 +19,7 @@ fix the runtime, never the model, unless the model misreads the spec.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 from collections import Counter, deque
@@ -92,6 +93,16 @@ AVOID_BUG_RESPAWN_AFTER_STOP = True
 #: ``terminated`` (S12: only for non-terminal inputs) and a later wait on it hangs.
 #: Tolerated: the teardown accepts ``terminated`` for those and skips their post-close wait.
 TOLERATE_BUG_STOP_EARLY_CONSUMED = True
+#: BUG-3: a run that fails after a checkpoint staged joiners puts them back in the queue even
+#: when the runtime was retired (no replacement) meanwhile; S9 says they end ``{retired}``.
+#: They are stranded ``queued`` in a retired runtime. Avoided: a ``hold_fail`` run whose
+#: runtime was retired with joiners staged completes instead of failing.
+AVOID_BUG_RETIRED_FAILED_JOINERS = True
+#: BUG-4: a continuation in a retired runtime (no replacement) moves its state to
+#: ``running``, so while it runs the retired runtime accepts input (S9: refused, not_ready),
+#: and what it accepts is stranded in the queue. Avoided: no accepts while it happens; the
+#: state check allows ``running`` for a continuation in a retired runtime.
+AVOID_BUG_RETIRED_CONTINUATION_ACCEPTS = True
 
 # --- inputs -------------------------------------------------------------------------------
 
@@ -238,6 +249,7 @@ class RunLog:
     joined: list[list[InputId]] = field(default_factory=list)
     pending_join: list[InputId] = field(default_factory=list)
     boundary: bool = False
+    head: InputId | None = None
     end: str = "running"
     text: str | None = None
 
@@ -260,6 +272,7 @@ class ChaosExecutor:
         self.release_event = asyncio.Event()
         self.releases = 0
         self.violations: list[str] = []
+        self.retry_head: InputId | None = None
 
     @property
     def sr(self) -> Any:
@@ -306,6 +319,28 @@ class ChaosExecutor:
         left = [i for i in sr.queued_ids() if joins_boundaries(sr.input_state(i))]
         if left:
             self._bad(f"run {run.run_id} left joinable inputs {left} queued at its start (S17)")
+        self._check_coalesced(states, f"run {run.run_id} start")
+        log.head = heads[0] if heads else ids[0]
+        # S4: a head that failed before its boundary went back to the front of the queue, so
+        # the next run starts with it (unless it ended meanwhile)
+        back = self.retry_head
+        self.retry_head = None
+        if back is not None and sr.input_state(back).current_state is IS.QUEUED:
+            self._bad(f"S4: {back} failed before its boundary but run {run.run_id} skipped it")
+
+    def _check_coalesced(self, states: list[InputState], where: str) -> None:
+        """S3: at a run start or checkpoint, queued coalesce-mode inputs of one kind (and
+        event type) are merged into one aggregate, so at most one of each group is staged."""
+        groups: Counter[tuple[str, str | None]] = Counter()
+        for s in states:
+            assert s.policy is not None and s.persisted_input is not None
+            if s.policy.decision.queue_mode is QueueMode.COALESCE:
+                inp = s.persisted_input
+                et = inp.event_type if isinstance(inp, ExternalEventInput) else None
+                groups[(kind_id(inp), et)] += 1
+        dup = [g for g, n in groups.items() if n > 1]
+        if dup:
+            self._bad(f"S3: {where} staged several uncoalesced inputs of {dup}")
 
     async def _checkpoint(self, run: RunContext, log: RunLog, delta: list[Message]) -> None:
         joined = await run.checkpoint(delta)
@@ -321,6 +356,7 @@ class ChaosExecutor:
             left = [i for i in sr.queued_ids() if joins_boundaries(sr.input_state(i))]
             if left:
                 self._bad(f"checkpoint of {run.run_id} left joinable inputs {left} queued (S16)")
+        self._check_coalesced([sr.input_state(i) for i in ids], f"checkpoint of {run.run_id}")
         log.joined.append(ids)
         log.pending_join = ids
         if joined is not None:
@@ -357,7 +393,12 @@ class ChaosExecutor:
                 await self._park(run, self.release_event.wait())
                 await self._checkpoint(run, log, [Message(role="assistant", content="thinking")])
                 await self._park(run, self.release_event.wait())
-                if beh == "hold_fail":
+                avoid = (
+                    AVOID_BUG_RETIRED_FAILED_JOINERS
+                    and log.pending_join
+                    and self.machine.retired[self.sid] == "plain"
+                )
+                if beh == "hold_fail" and not avoid:
                     raise RunFailure(f"{TRANSIENT} after checkpoint")
                 await self._checkpoint(run, log, [])
             if beh == "wait":
@@ -379,6 +420,8 @@ class ChaosExecutor:
             raise
         except RunFailure as exc:
             log.end = "failed_permanent" if exc.permanent else "failed"
+            if not exc.permanent and not log.boundary and not log.is_continuation:
+                self.retry_head = log.head
             raise
         except asyncio.CancelledError:
             log.end = "torn_down"
@@ -405,7 +448,6 @@ def _marks_failure(fn: Any) -> Any:
     return wrapper
 
 
-
 @dataclass
 class HandleRec:
     sid: str
@@ -422,7 +464,7 @@ class RuntimeMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.rt = Runtime.open(
             "memory://",
-            config=RuntimeConfig(backoff_base=0.0, backoff_max=0.0, max_attempts=MAX_ATTEMPTS)
+            config=RuntimeConfig(backoff_base=0.0, backoff_max=0.0, max_attempts=MAX_ATTEMPTS),
         )
         self.sids: list[str] = []
         self.execs: dict[str, ChaosExecutor] = {}
@@ -440,11 +482,27 @@ class RuntimeMachine(RuleBasedStateMachine):
         self.terminal_json: dict[InputId, str] = {}
         self.violations: list[str] = []
         self.failed = False
+        self._view_cache: dict[str, dict[InputId, tuple[InputState, str]]] = {}
 
     # -- plumbing
 
     def _run(self, coro: Any) -> Any:
-        return self.loop.run_until_complete(coro)
+        self._view_cache.clear()
+        try:
+            return self.loop.run_until_complete(coro)
+        finally:
+            self._view_cache.clear()
+
+    def _view(self, sid: str) -> dict[InputId, tuple[InputState, str]]:
+        """The session's input states and their JSON, computed once per step (invariants)."""
+        v = self._view_cache.get(sid)
+        if v is None:
+            v = {i: (s, s.to_json()) for i, s in self._states(sid).items()}
+            self._view_cache[sid] = v
+        return v
+
+    def _view_states(self, sid: str) -> dict[InputId, InputState]:
+        return {i: s for i, (s, _) in self._view(sid).items()}
 
     def _sid(self, idx: int) -> str:
         return self.sids[idx % len(self.sids)]
@@ -512,6 +570,8 @@ class RuntimeMachine(RuleBasedStateMachine):
 
     async def _accept(self, sid: str, spec: Spec) -> None:
         sr = self.rt.runtime(sid)
+        if self._retired_continuation(sid):
+            return  # BUG-4: would be accepted by a retired runtime
         inp = build_input(spec)
         n_before = len(sr.input_ids(include_terminal=True))
         known = self.idem[sid]
@@ -632,10 +692,17 @@ class RuntimeMachine(RuleBasedStateMachine):
 
         self._run(go())
 
-    @rule(sidx=st.integers(0, 1), specs=st.lists(input_specs(), min_size=2, max_size=4))
+    @rule(
+        sidx=st.integers(0, 1),
+        specs=st.lists(input_specs(), min_size=2, max_size=4),
+        then=st.none() | st.sampled_from(NEXT_RUN),
+    )
     @_marks_failure
-    def accept_burst(self, sidx: int, specs: list[Spec]) -> None:
-        """Several accepts with no loop progress in between (coalescing, supersession)."""
+    def accept_burst(self, sidx: int, specs: list[Spec], then: str | None) -> None:
+        """Several accepts with no loop progress in between (coalescing, supersession,
+        queue order); ``then`` is how the next run of the session behaves."""
+        if then is not None:
+            self.execs[self._sid(sidx)].plan.append(then)
 
         async def go() -> None:
             for spec in specs:
@@ -822,7 +889,8 @@ class RuntimeMachine(RuleBasedStateMachine):
                 self._bad(f"S9: respawn kept ephemeral pending input {iid}")
         if sr.active_run_id is not None and sr.state is not RuntimeState.RUNNING:
             self._bad(
-                f"respawn of {sid} left state {sr.state.value} while run {sr.active_run_id} is active"
+                f"respawn of {sid} left state {sr.state.value} "
+                f"while run {sr.active_run_id} is active"
             )
         self.retired[sid] = None
         return res
@@ -892,13 +960,13 @@ class RuntimeMachine(RuleBasedStateMachine):
         for sid in self.sids:
             sr = self.rt.runtime(sid)
             stored = self.rt.store.input_states[sid]
-            mem = self._states(sid)
+            mem = self._view(sid)
             assert set(stored) == set(mem), "the store and the ledger hold different inputs"
-            for iid, s in mem.items():
+            for iid, (s, j) in mem.items():
                 assert stored[iid].current_state is s.current_state, (
                     f"{iid}: ledger {s.current_state}, store {stored[iid].current_state}"
                 )
-                assert stored[iid].to_json() == s.to_json(), f"{iid}: store differs from ledger"
+                assert stored[iid].to_json() == j, f"{iid}: store differs from ledger"
             rows = self.rt.store.conversations[sid]
             assert len(rows) == len(sr.conversation.rows)
             assert [r.digest for r in rows] == [r.digest for r in sr.conversation.rows]
@@ -907,11 +975,10 @@ class RuntimeMachine(RuleBasedStateMachine):
     @_marks_failure
     def terminal_states_never_change(self) -> None:
         for sid in self.sids:
-            for iid, s in self._states(sid).items():
+            for iid, (s, j) in self._view(sid).items():
                 if not s.is_terminal:
                     assert iid not in self.terminal_json, f"{iid} left its terminal state"
                     continue
-                j = s.to_json()
                 old = self.terminal_json.setdefault(iid, j)
                 assert old == j, f"terminal input {iid} changed:\n{old}\n{j}"
 
@@ -922,7 +989,7 @@ class RuntimeMachine(RuleBasedStateMachine):
         applied* never go back to queued; attempts are bounded; reasons carry their error."""
         for sid in self.sids:
             sr = self.rt.runtime(sid)
-            states = self._states(sid)
+            states = self._view_states(sid)
             queued = sr.queued_ids()
             assert len(set(queued)) == len(queued), "an input is queued twice"
             assert set(queued) == {i for i, s in states.items() if s.current_state is IS.QUEUED}, (
@@ -964,7 +1031,8 @@ class RuntimeMachine(RuleBasedStateMachine):
                 items = [s for s in queued if is_priority(s) is lane]
                 staged_before = [any(h.to is IS.STAGED for h in s.history) for s in items]
                 assert staged_before == sorted(staged_before, reverse=True), (
-                    f"a never-staged input is ahead of a returned one: {[s.input_id for s in items]}"
+                    "a never-staged input is ahead of a returned one: "
+                    f"{[s.input_id for s in items]}"
                 )
                 fresh = [
                     self._seq(s) for s, was in zip(items, staged_before, strict=True) if not was
@@ -991,7 +1059,7 @@ class RuntimeMachine(RuleBasedStateMachine):
             counts = Counter(i for r in sr.conversation.rows for i in r.input_ids)
             dup = [i for i, n in counts.items() if n > 1]
             assert not dup, f"S5: inputs appended twice: {dup}"
-            states = self._states(sid)
+            states = self._view_states(sid)
             for iid in counts:
                 assert states[iid].current_state not in (IS.ACCEPTED, IS.QUEUED, IS.STAGED), (
                     f"{iid} is in the conversation but {states[iid].current_state}"
@@ -1015,6 +1083,8 @@ class RuntimeMachine(RuleBasedStateMachine):
                 assert (sr.state is RuntimeState.RUNNING) == running, (
                     f"{sid}: state {sr.state.value} with active run {sr.active_run_id}"
                 )
+            elif self._retired_continuation(sid):
+                assert sr.state is RuntimeState.RUNNING, (sid, model, sr.state)  # BUG-4
             else:
                 assert sr.state is RuntimeState.RETIRED, (sid, model, sr.state)
                 assert sr.held == (model == "held"), (sid, model, sr.held)
@@ -1022,6 +1092,14 @@ class RuntimeMachine(RuleBasedStateMachine):
                 assert self.execs[sid].calls == self.calls_when_held[sid], (
                     f"S9: {sid} started a run while held for a respawn"
                 )
+
+    def _retired_continuation(self, sid: str) -> bool:
+        """BUG-4's window: a continuation runs in a runtime retired without replacement."""
+        if not AVOID_BUG_RETIRED_CONTINUATION_ACCEPTS or self.retired[sid] != "plain":
+            return False
+        sr = self.rt.runtime(sid)
+        log = self.execs[sid].runs.get(sr.active_run_id) if sr.active_run_id else None
+        return log is not None and log.is_continuation
 
     @invariant()
     @_marks_failure
@@ -1033,7 +1111,7 @@ class RuntimeMachine(RuleBasedStateMachine):
             if sr._loop_task is not None:
                 continue
             model = self.retired[sid]
-            states = self._states(sid)
+            states = self._view_states(sid)
             for iid, s in states.items():
                 assert s.current_state is not IS.STAGED, f"{iid} staged with no run"
                 if model != "held":
@@ -1051,7 +1129,7 @@ class RuntimeMachine(RuleBasedStateMachine):
     def handles_resolve_as_s12_says(self) -> None:
         for sid in self.sids:
             sr = self.rt.runtime(sid)
-            states = self._states(sid)
+            states = self._view_states(sid)
             not_done = 0
             for h in self.handles:
                 if h.sid != sid:
@@ -1181,7 +1259,9 @@ class RuntimeMachine(RuleBasedStateMachine):
         for sid in self.sids:
             states = self._states(sid)
             in_flight |= {
-                i for i, st_ in states.items() if st_.is_terminal and not self._resolvable(sid, states, i)
+                i
+                for i, st_ in states.items()
+                if st_.is_terminal and not self._resolvable(sid, states, i)
             }
             for h in self.handles:
                 if h.sid == sid and h.target is not None:
@@ -1262,3 +1342,135 @@ def test_runtime_state_machine_slow() -> None:
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         ),
     )
+
+
+# --- bugs found by the machine, as minimal examples ----------------------------------------
+# Each is the shrunk path of a failing run, written as a plain test. They fail today; when a
+# fix lands the test XPASSes (strict: the suite fails) and the matching AVOID_/TOLERATE_ flag
+# above goes to False.
+
+CFG = RuntimeConfig(backoff_base=0.0, backoff_max=0.0, max_attempts=MAX_ATTEMPTS)
+
+
+class GateExecutor:
+    """Run 1: commit, wait at the gate, [checkpoint (joining what is queued), wait at the gate
+    again], then fail (transient). Later runs: commit and park until cancelled."""
+
+    def __init__(self, checkpoint: bool) -> None:
+        self.checkpoint = checkpoint
+        self.calls = 0
+        self.gate = asyncio.Event()
+        self.parked = asyncio.Event()
+
+    async def _wait_gate(self, run: RunContext) -> None:
+        self.parked.set()
+        await run.guard(self.gate.wait())
+        self.gate = asyncio.Event()
+
+    async def open_gate_and_wait_parked(self) -> None:
+        self.parked.clear()
+        self.gate.set()
+        await asyncio.wait_for(self.parked.wait(), 2)
+
+    async def apply(self, run: RunContext) -> RunResult | None:
+        self.calls += 1
+        await run.commit_boundary(messages_from(run.primitive))
+        if self.calls > 1:
+            self.parked.set()
+            await run.guard(asyncio.sleep(3600))
+        await self._wait_gate(run)
+        if self.checkpoint:
+            joined = await run.checkpoint()
+            if joined is not None:
+                run.append(*messages_from(joined))
+            await self._wait_gate(run)
+        raise RunFailure(f"{TRANSIENT} after the boundary")
+
+
+async def _spin(n: int = 20) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG-1: a respawn waiting for the active run revives a stopped runtime after close()",
+)
+async def test_bug_respawn_pending_at_close_leaves_runtime_stopped() -> None:
+    from tests.helpers import ScriptedExecutor
+
+    rt = Runtime.open("memory://", config=CFG)
+    ex = ScriptedExecutor(["hang"])
+    s = await rt.create_session(executor=ex)
+    await rt.accept(s.id, PromptInput.new("work"))
+    await asyncio.wait_for(ex.started.wait(), 2)
+    respawn = asyncio.create_task(rt.respawn(s.id))  # waits for the hanging run
+    await _spin()
+    await rt.close(grace=0)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(respawn, 2)
+    assert rt.runtime_state(s.id) is RuntimeState.STOPPED  # today: idle, generation 2
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG-2: stop() answers an input consumed at its boundary 'terminated' (S12), "
+    "and a later wait on it hangs",
+)
+async def test_bug_stop_answers_boundary_consumed_input() -> None:
+    from tests.helpers import ScriptedExecutor
+
+    rt = Runtime.open("memory://", config=CFG)
+    ex = ScriptedExecutor(["hang"])
+    s = await rt.create_session(executor=ex)
+    # system_generated is inject_now / on_accept (read as on_apply): consumed at the boundary
+    h = await rt.accept_with_completion(s.id, SystemGeneratedInput.new("scheduler", "tick"))
+    await asyncio.wait_for(ex.started.wait(), 2)
+    await _spin()
+    assert rt.input_state(s.id, h.input_id).current_state is IS.CONSUMED
+    await rt.close(grace=0)
+    out = await h.wait(1)
+    later = await rt.wait(s.id, h.input_id, timeout=0.5)  # today: TimeoutError (hangs)
+    assert out.outcome_type == "cancelled", out  # today: terminated
+    assert later.outcome_type == "cancelled", later
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG-3: a run failing after a checkpoint requeues its joiners in a retired runtime",
+)
+async def test_bug_retired_run_failure_abandons_checkpoint_joiners() -> None:
+    rt = Runtime.open("memory://", config=CFG)
+    ex = GateExecutor(checkpoint=True)
+    s = await rt.create_session(executor=ex)
+    await rt.accept(s.id, PromptInput.new("work"))
+    await asyncio.wait_for(ex.parked.wait(), 2)
+    joiner = await rt.accept(s.id, PeerInput.new("note", peer_id="peer-a"))
+    await ex.open_gate_and_wait_parked()  # checkpoint: the peer message joins (staged)
+    assert rt.input_state(s.id, joiner.input_id).current_state is IS.STAGED
+    await rt.retire(s.id)  # no replacement
+    ex.gate.set()  # the run fails
+    await _spin()
+    st_ = rt.input_state(s.id, joiner.input_id)
+    await rt.close(grace=0)
+    assert st_.current_state is IS.ABANDONED, st_.current_state  # today: queued, stranded
+    assert st_.terminal_outcome.reason.value == "retired"  # type: ignore[union-attr]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG-4: a continuation in a retired runtime sets state running and accepts input",
+)
+async def test_bug_retired_continuation_refuses_input() -> None:
+    rt = Runtime.open("memory://", config=CFG)
+    ex = GateExecutor(checkpoint=False)
+    s = await rt.create_session(executor=ex)
+    await rt.accept(s.id, PromptInput.new("work"))
+    await asyncio.wait_for(ex.parked.wait(), 2)
+    await rt.retire(s.id)  # no replacement; the prompt is applied, so it is kept
+    await ex.open_gate_and_wait_parked()  # fails after its boundary: a continuation runs
+    state = rt.runtime_state(s.id)
+    late = await rt.accept(s.id, PromptInput.new("late"))
+    await rt.close(grace=0)
+    assert state is RuntimeState.RETIRED, state  # today: running
+    assert late.outcome_type == "rejected", late  # today: accepted, then stranded

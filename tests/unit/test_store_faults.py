@@ -83,3 +83,24 @@ async def test_corrupt_database_gives_a_clear_error_never_an_empty_queue(tmp_pat
         await rt.start()
     assert str(db) in str(info.value)
     await rt.close()
+
+
+async def test_s11_s12_retry_after_restart_is_deduplicated_and_answered_from_the_store(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'dedup.db'}"
+    async with Runtime.open(url) as rt:
+        sid = (await rt.create_session()).id
+        first = await rt.accept_with_completion(sid, PromptInput.new("a", idempotency_key="k"))
+        done = await first.wait(5)
+        assert isinstance(done, CompletedWait)
+    async with Runtime.open(url) as rt:
+        again = await rt.accept_with_completion(sid, PromptInput.new("a", idempotency_key="k"))
+        assert again.outcome.outcome_type == "deduplicated"
+        assert again.input_id == first.input_id
+        outcome = await again.wait(5)
+        assert isinstance(outcome, CompletedWait)
+        assert outcome.result.text == done.result.text
+        conflict = await rt.accept(sid, PromptInput.new("b", idempotency_key="k"))
+        assert conflict.outcome_type == "rejected"
+        assert conflict.code.value == "idempotency_conflict"

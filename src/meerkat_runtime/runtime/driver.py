@@ -489,7 +489,10 @@ class SessionRuntime:
                         txn, "deduplicated", now, input_id=input.id, existing_id=existing_id
                     )
                     self._submit(txn)
-                    fut = self.register_waiter(existing_id) if register_waiter else None
+                    # an existing input from an earlier process may be terminal and not in
+                    # memory: the host then answers from the store
+                    known = existing_id in self._entries
+                    fut = self.register_waiter(existing_id) if register_waiter and known else None
                     return Deduplicated(input_id=input.id, existing_id=existing_id), fut
                 else:
                     return self._reject(
@@ -1310,8 +1313,15 @@ class SessionRuntime:
         for rec in loaded.idempotency:
             self._idem[rec.key] = (rec.input_id, rec.content_hash, rec.accepted_at)
         stored_state = loaded.state or RuntimeState.IDLE
-        if not loaded.inputs and stored_state in (RuntimeState.IDLE, RuntimeState.RUNNING):
-            # nothing was pending: there is nothing to reconcile, and nothing to report
+        died_in_run = any(r.status == "running" for r in loaded.runs.values())
+        if (
+            not loaded.inputs
+            and not died_in_run
+            and stored_state in (RuntimeState.IDLE, RuntimeState.RUNNING)
+        ):
+            # nothing was pending: there is nothing to reconcile, and nothing to report (a run
+            # the process died in must still be closed, below, or its inputs' waiters, e.g.
+            # of inputs consumed at its boundary, would wait for it forever)
             self.state = RuntimeState.IDLE
             return {
                 "inputs_recovered": 0,

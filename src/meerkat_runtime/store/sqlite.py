@@ -732,6 +732,7 @@ class SqliteStore:
         self._writer: threading.Thread | None = None
         self._reader: threading.Thread | None = None
         self._open_lock = asyncio.Lock()
+        self._dead: StoreError | None = None  # set if a store thread stopped unexpectedly
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self.path)!r}, {self._state})"
@@ -801,6 +802,9 @@ class SqliteStore:
             self._state = "closed"
 
     async def _stop(self, q: queue.SimpleQueue[_Job]) -> None:
+        thread = self._writer if q is self._wq else self._reader
+        if thread is None or not thread.is_alive():
+            return  # already gone (it failed): nothing would acknowledge
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         q.put(_Job(None, loop, done))
@@ -918,6 +922,7 @@ class SqliteStore:
                 self._run_batch(conn, batch)
         except BaseException as exc:  # a bug: never leave a future hanging
             err = self._error(exc)
+            self._dead = StoreError(f"{err} (the store's writer thread stopped)")
             leftover: list[tuple[_Job, Any, BaseException | None]] = []
             while True:
                 try:
@@ -1070,6 +1075,8 @@ class SqliteStore:
     # ---------------------------------------------------------------- handoff
 
     def _check_open(self) -> None:
+        if self._dead is not None:
+            raise self._dead
         if self._state != "open":
             what = "is not open (call open() first)" if self._state == "new" else "is closed"
             raise StoreError(f"store {self.path}: the store {what}")

@@ -1,0 +1,788 @@
+"""Throughput, latency and recovery time of the runtime control plane on the SQLite store.
+
+Measures, in one run, each on a fresh database file in ``--db-dir`` (a temp dir on the same
+disk as this checkout by default):
+
+1. the raw limit of the disk: a plain ``sqlite3`` loop, WAL, ``synchronous=FULL``, one
+   ``INSERT`` + ``COMMIT`` per row; commits/s and per-commit latency p50 / p99;
+2. durable accepts/s through ``Runtime.accept`` (durable ``PromptInput``s; prompts use a policy
+   row with wake mode ``none`` so no run starts): 1 producer into 1 session, 100 concurrent
+   producers each into its own session, and 100 concurrent producers into one shared session;
+   accept-to-ack latency p50 / p99 of every call;
+3. completed durable no-op runs/s, 1 session and 100 sessions: N prompts accepted with
+   ``accept_with_completion`` (one producer per session, a backlog), then every outcome awaited;
+   runs/s = N / elapsed (accepts included);
+4. recovery: a database with 100,000 pending inputs across 1,000 sessions (10,000 / 100 with
+   ``--quick``) is populated and closed, then a fresh process times ``Runtime.start()``, which
+   recovers every session with pending inputs.
+
+The spec's aims are printed next to the figures; they are aims, not tests: nothing here fails
+on a slow figure, and CI never runs this script.
+
+    python benchmarks/bench_durable.py            # full run, a few minutes
+    python benchmarks/bench_durable.py --quick    # smoke run, under 30 s
+    python benchmarks/bench_durable.py --profile recovery   # cProfile one measurement instead
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import meerkat_runtime
+except ModuleNotFoundError as exc:  # not installed: use the checkout's src/
+    if exc.name != "meerkat_runtime":
+        raise
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+    import meerkat_runtime
+
+from meerkat_runtime import (
+    InputLifecycleState,
+    InputState,
+    Message,
+    PolicyRow,
+    PolicyTable,
+    PromptInput,
+    RunContext,
+    RunResult,
+    Runtime,
+    RuntimeConfig,
+    default_policy_table,
+)
+from meerkat_runtime.runtime.inputs import InputDurability
+from meerkat_runtime.runtime.policy import PolicySnapshot
+from meerkat_runtime.store.base import SessionRecord, Txn
+from meerkat_runtime.store.sqlite import SqliteStore
+
+MAX_PENDING = 10_000_000  # the default (10,000) would reject a large backlog as queue_full
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------- executor, policy
+
+
+class NoopExecutor:
+    """Commits its boundary with the staged user messages and completes at once."""
+
+    async def apply(self, run: RunContext) -> RunResult:
+        prim = run.primitive
+        msgs = [
+            Message(role="user", content=getattr(a.content, "text", ""), input_ids=[a.input_id])
+            for a in prim.appends
+            if a.input_id is not None
+        ]
+        await run.commit_boundary(msgs)
+        return RunResult(text="ok")
+
+
+def no_wake_policy() -> PolicyTable:
+    """The default table with prompts that never wake a run (accept path only)."""
+    d = PolicyTable.decision("stage_run_start", "none", "fifo", "on_run_complete")
+    return default_policy_table().with_rows({"prompt": PolicyRow(d, d)})
+
+
+def config() -> RuntimeConfig:
+    return RuntimeConfig(max_pending_inputs=MAX_PENDING)
+
+
+def prompts(n: int) -> list[PromptInput]:
+    return [PromptInput.new(f"prompt {i}") for i in range(n)]
+
+
+def split(items: list[Any], parts: int) -> list[list[Any]]:
+    return [items[i::parts] for i in range(parts)]
+
+
+def url(path: Path) -> str:
+    return f"sqlite:///{path}"  # path is absolute: four slashes in total
+
+
+def open_runtime(path: Path, *, wake: bool) -> Runtime:
+    return Runtime.open(
+        url(path),
+        policy=None if wake else no_wake_policy(),
+        config=config(),
+        executor_factory=lambda rec: NoopExecutor(),
+    )
+
+
+def remove_db(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"{path}{suffix}").unlink()
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def pct(sorted_ns: Sequence[int], q: float) -> float:
+    """The q-quantile (nearest rank) of sorted nanoseconds, in microseconds."""
+    n = len(sorted_ns)
+    return sorted_ns[min(n - 1, int(n * q))] / 1e3
+
+
+@dataclass
+class Result:
+    key: str
+    name: str
+    n: int
+    rate: float | None = None  # per wall-clock second
+    unit: str = ""
+    p50_us: float | None = None
+    p99_us: float | None = None
+    cpu_rate: float | None = None  # per second of this process's CPU time (all threads)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.wall = time.perf_counter()
+        self.cpu = time.process_time()
+
+    def rates(self, n: int) -> tuple[float, float, float]:
+        wall = time.perf_counter() - self.wall
+        cpu = time.process_time() - self.cpu
+        return n / wall, (n / cpu if cpu > 0 else float("nan")), wall
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise SystemExit(f"benchmark invalid: {msg}")
+
+
+def _batching(rt: Runtime) -> dict[str, Any]:
+    store = rt.store
+    if isinstance(store, SqliteStore) and store.commits:
+        return {
+            "commits": store.commits,
+            "txns": store.transactions,
+            "txns_per_commit": round(store.transactions / store.commits, 2),
+        }
+    return {}
+
+
+# ---------------------------------------------------------------------------- 1. raw disk
+
+
+def raw_commits(path: Path, n: int) -> Result:
+    """Single-row commits with a plain sqlite3 loop: WAL, synchronous=FULL, one INSERT + COMMIT
+    per row (a ~400-byte row, about the size of one accepted input's state)."""
+    remove_db(path)
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute(
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, runtime_id TEXT NOT NULL, body TEXT NOT NULL)"
+        )
+        body = "x" * 400
+        ins = "INSERT INTO t (runtime_id, body) VALUES (?, ?)"
+        for _ in range(100):  # warm-up: WAL file allocated, statement cached
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(ins, ("warm", body))
+            conn.execute("COMMIT")
+        lat = [0] * n
+        clock_ns = time.perf_counter_ns
+        c = Clock()
+        for i in range(n):
+            t0 = clock_ns()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(ins, ("rt", body))
+            conn.execute("COMMIT")
+            lat[i] = clock_ns() - t0
+        rate, cpu_rate, _ = c.rates(n)
+    finally:
+        conn.close()
+        remove_db(path)
+    lat.sort()
+    return Result(
+        "raw", "raw SQLite commit (1 row, WAL, synchronous=FULL)", n, rate, "commits/s",
+        pct(lat, 0.5), pct(lat, 0.99), cpu_rate,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- 2. accepts
+
+
+async def accept_throughput(path: Path, n: int, producers: int, shared: bool) -> Result:
+    """``producers`` concurrent producers accept ``n`` durable prompts in total, each into its
+    own session (``shared=False``) or all into one session; every call's latency is kept."""
+    remove_db(path)
+    rt = open_runtime(path, wake=False)
+    try:
+        nsess = 1 if shared else producers
+        ids = [(await rt.create_session(executor=NoopExecutor())).id for _ in range(nsess)]
+        batches = split(prompts(n), producers)
+        lat: list[int] = []
+        clock_ns = time.perf_counter_ns
+
+        async def produce(sid: str, batch: list[PromptInput]) -> int:
+            ok = 0
+            mine = [0] * len(batch)
+            for i, inp in enumerate(batch):
+                t0 = clock_ns()
+                out = await rt.accept(sid, inp)
+                mine[i] = clock_ns() - t0
+                ok += out.outcome_type == "accepted"
+            lat.extend(mine)
+            return ok
+
+        store = rt.store
+        assert isinstance(store, SqliteStore)
+        c0, t0 = store.commits, store.transactions
+        gc.collect()
+        c = Clock()
+        counts = await asyncio.gather(
+            *(produce(ids[0 if shared else k], b) for k, b in enumerate(batches))
+        )
+        rate, cpu_rate, _ = c.rates(n)
+        _check(sum(counts) == n, f"only {sum(counts)} of {n} inputs were accepted")
+        commits, txns = store.commits - c0, store.transactions - t0
+    finally:
+        await rt.close(grace=0)
+        remove_db(path)
+    lat.sort()
+    if producers == 1:
+        key, name = "accept_1", "durable accepts, 1 producer (1 session)"
+    elif shared:
+        key, name = "accept_shared", f"durable accepts, {producers} producers (1 shared session)"
+    else:
+        key, name = "accept_100", f"durable accepts, {producers} producers (own session each)"
+    return Result(
+        key, name, n, rate, "accepts/s", pct(lat, 0.5), pct(lat, 0.99), cpu_rate,
+        {"txns_per_commit": round(txns / commits, 2) if commits else None},
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- 3. runs
+
+
+async def run_throughput(path: Path, n: int, sessions: int) -> Result:
+    """No-op runs completed per second: each session's producer accepts its share of N prompts
+    with ``accept_with_completion`` (a backlog), then awaits every outcome."""
+    remove_db(path)
+    rt = open_runtime(path, wake=True)
+    try:
+        ids = [(await rt.create_session(executor=NoopExecutor())).id for _ in range(sessions)]
+        batches = split(prompts(n), sessions)
+
+        async def produce(sid: str, batch: list[PromptInput]) -> int:
+            handles = [await rt.accept_with_completion(sid, inp) for inp in batch]
+            outs = [await h.wait() for h in handles]
+            return sum(o.outcome_type == "completed" for o in outs)
+
+        store = rt.store
+        assert isinstance(store, SqliteStore)
+        c0, t0 = store.commits, store.transactions
+        gc.collect()
+        c = Clock()
+        counts = await asyncio.gather(*(produce(s, b) for s, b in zip(ids, batches, strict=True)))
+        rate, cpu_rate, _ = c.rates(n)
+        _check(sum(counts) == n, f"only {sum(counts)} of {n} runs completed")
+        commits, txns = store.commits - c0, store.transactions - t0
+    finally:
+        await rt.close(grace=0)
+        remove_db(path)
+    label = "1 session" if sessions == 1 else f"{sessions} sessions"
+    return Result(
+        f"runs_{sessions}", f"durable no-op runs, {label} (backlog)", n, rate, "runs/s",
+        None, None, cpu_rate,
+        {"txns_per_commit": round(txns / commits, 2) if commits else None,
+         "txns_per_run": round(txns / n, 2)},
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- 4. recovery
+
+
+async def populate_runtime(path: Path, inputs: int, sessions: int) -> dict[str, Any]:
+    """Pending inputs through the public API: ``sessions`` sessions, one producer each, durable
+    prompts that never wake a run (they stay queued)."""
+    remove_db(path)
+    c = Clock()
+    rt = open_runtime(path, wake=False)
+    try:
+        await rt.start()
+        infos = await asyncio.gather(
+            *(rt.create_session(executor=NoopExecutor()) for _ in range(sessions))
+        )
+        t_sessions = time.perf_counter() - c.wall
+        batches = split(prompts(inputs), sessions)
+
+        async def produce(sid: str, batch: list[PromptInput]) -> int:
+            ok = 0
+            for inp in batch:
+                ok += (await rt.accept(sid, inp)).outcome_type == "accepted"
+            return ok
+
+        t1 = time.perf_counter()
+        counts = await asyncio.gather(
+            *(produce(i.id, b) for i, b in zip(infos, batches, strict=True))
+        )
+        t_accept = time.perf_counter() - t1
+        _check(sum(counts) == inputs, f"populate: only {sum(counts)} of {inputs} accepted")
+    finally:
+        t2 = time.perf_counter()
+        await rt.close(grace=0)
+        t_close = time.perf_counter() - t2
+    return {
+        "how": "runtime",
+        "seconds": round(time.perf_counter() - c.wall, 2),
+        "sessions_s": round(t_sessions, 2),
+        "accepts_s": round(t_accept, 2),
+        "accepts_per_s": round(inputs / t_accept),
+        "close_s": round(t_close, 2),
+    }
+
+
+async def populate_store(path: Path, inputs: int, sessions: int) -> dict[str, Any]:
+    """Pending inputs written straight through ``SqliteStore.submit``: per session one session
+    record and one Txn of queued InputStates (what an accept would store, minus its events)."""
+    remove_db(path)
+    c = Clock()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        policy = no_wake_policy().resolve("prompt", True)
+        snap = PolicySnapshot(version=policy.policy_version, decision=policy)
+        now = meerkat_runtime._time.utcnow()
+        futs = []
+        for batch in split(prompts(inputs), sessions):
+            sid = str(meerkat_runtime._ids.InputId.new())
+            await store.save_session(
+                SessionRecord(sid, now, now, {"model": "offline", "custom_executor": True}, {})
+            )
+            txn = Txn(sid, 0, durable=True)
+            for order, inp in enumerate(batch, start=1):
+                st = InputState.new_accepted(inp.id, now)
+                st.durability = InputDurability.DURABLE
+                st.policy = snap
+                st.persisted_input = inp
+                st.transition(InputLifecycleState.QUEUED, None, now)
+                txn.touch(st)
+                txn.queue_orders[inp.id] = order
+            futs.append(store.submit(txn))
+        await asyncio.gather(*futs)
+    finally:
+        await store.close()
+    return {"how": "store", "seconds": round(time.perf_counter() - c.wall, 2)}
+
+
+def pending_in(path: Path) -> tuple[int, int]:
+    """(sessions with pending inputs, pending inputs) as the file holds them."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        row = conn.execute(
+            "SELECT count(DISTINCT runtime_id), count(*) FROM input_states WHERE is_terminal = 0"
+        ).fetchone()
+        return int(row[0]), int(row[1])
+    finally:
+        conn.close()
+
+
+def quick_check_seconds(path: Path) -> float:
+    """How long ``PRAGMA quick_check`` (which ``SqliteStore.open`` runs) takes on the file."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        t0 = time.perf_counter()
+        conn.execute("PRAGMA quick_check").fetchall()
+        return time.perf_counter() - t0
+    finally:
+        conn.close()
+
+
+async def recover_child(path: Path, profile: str | None) -> dict[str, Any]:
+    """In a fresh process: time ``Runtime.start()`` (open the store, recover every session
+    with pending inputs); with ``profile``, run it under cProfile and dump stats there."""
+    rt = open_runtime(path, wake=False)
+    prof = None
+    if profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+    t0 = time.perf_counter()
+    cpu0 = time.process_time()
+    await rt.start()
+    start_s = time.perf_counter() - t0
+    cpu_s = time.process_time() - cpu0
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(profile)
+    reports = rt.recovery_reports
+    t1 = time.perf_counter()
+    await rt.close(grace=0)
+    return {
+        "start_s": start_s,
+        "cpu_s": cpu_s,
+        "sessions": sum(1 for r in reports.values() if r["inputs_recovered"]),
+        "inputs": sum(r["inputs_recovered"] for r in reports.values()),
+        "lost": sum(r["inputs_lost"] for r in reports.values()),
+        "close_s": time.perf_counter() - t1,
+    }
+
+
+def run_recovery_child(path: Path, profile: str | None = None) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--recover-child", str(path)]
+    if profile:
+        cmd += ["--child-profile", profile]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if out.stderr.strip():
+        print(out.stderr.strip(), file=sys.stderr)
+    res: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    res["process_s"] = wall
+    return res
+
+
+def recovery(path: Path, inputs: int, sessions: int, how: str, reps: int) -> Result:
+    populate = populate_runtime if how == "runtime" else populate_store
+    pop = asyncio.run(populate(path, inputs, sessions))
+    want_sessions, want_inputs = pending_in(path)
+    _check(
+        (want_sessions, want_inputs) == (sessions, inputs),
+        f"populate left {want_inputs} pending inputs in {want_sessions} sessions",
+    )
+    size_mb = (
+        sum(Path(f"{path}{s}").stat().st_size for s in ("", "-wal") if Path(f"{path}{s}").exists())
+        / 1e6
+    )
+    qc = quick_check_seconds(path)
+    runs = [run_recovery_child(path) for _ in range(reps)]
+    best = min(runs, key=lambda r: r["start_s"])
+    _check(
+        best["sessions"] == sessions and best["inputs"] == inputs and best["lost"] == 0,
+        f"recovered {best['inputs']} inputs in {best['sessions']} sessions "
+        f"(lost {best['lost']}), expected {inputs} in {sessions}",
+    )
+    return Result(
+        "recovery",
+        f"recovery: Runtime.start() over {inputs:,} pending inputs in {sessions:,} sessions",
+        inputs, best["start_s"], "s",
+        extra={
+            "sessions_recovered": best["sessions"],
+            "inputs_recovered": best["inputs"],
+            "start_s_all": [round(r["start_s"], 3) for r in runs],
+            "cpu_s": round(best["cpu_s"], 2),
+            "close_s": round(best["close_s"], 2),
+            "quick_check_s": round(qc, 3),
+            "db_mb": round(size_mb, 1),
+            "populate": pop,
+        },
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- machine
+
+
+def machine(db_dir: Path) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    ram_gib: float | None = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram_gib = int(line.split()[1]) / (1 << 20)
+                break
+    df = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        lines = subprocess.run(
+            ["df", "-h", "--output=source,fstype,size,used,avail,target", str(db_dir)],
+            capture_output=True, text=True, check=True,
+        ).stdout.splitlines()  # fmt: skip
+        df = " ".join(lines[-1].split()) if lines else ""
+    return {
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "sqlite": sqlite3.sqlite_version,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(ram_gib, 1) if ram_gib else None,
+        "disk": df,
+        "db_dir": str(db_dir),
+        "platform": platform.platform(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "loadavg_at_start": _loadavg(),
+    }
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def default_db_dir() -> Path:
+    """A fresh temp dir on the same filesystem as this checkout (the system temp dir when it
+    is on that disk, else beside the checkout)."""
+    dev = CHECKOUT.stat().st_dev
+    for base in (Path(tempfile.gettempdir()), CHECKOUT.parent):
+        with contextlib.suppress(OSError):
+            if base.stat().st_dev == dev:
+                return Path(tempfile.mkdtemp(prefix="meerkat-bench-durable-", dir=base))
+    return Path(tempfile.mkdtemp(prefix="meerkat-bench-durable-", dir=CHECKOUT.parent))
+
+
+# ---------------------------------------------------------------------------- report
+
+
+@dataclass
+class Sizes:
+    raw_n: int
+    accept_1_n: int
+    accept_100_n: int
+    runs_1_n: int
+    runs_100_n: int
+    rec_inputs: int
+    rec_sessions: int
+    rec_reps: int
+
+
+FULL = Sizes(5_000, 5_000, 20_000, 2_000, 10_000, 100_000, 1_000, 2)
+QUICK = Sizes(1_000, 1_000, 4_000, 300, 2_000, 10_000, 100, 1)
+
+
+def aims(res: dict[str, Result]) -> list[tuple[str, str, str, bool | None]]:
+    """(aim, target, measured, met) for each of the spec's aims."""
+    out: list[tuple[str, str, str, bool | None]] = []
+    raw = res.get("raw")
+    a1 = res.get("accept_1")
+    a100 = res.get("accept_100")
+    r100 = res.get("runs_100")
+    rec = res.get("recovery")
+    if raw and a1 and raw.p50_us and a1.p50_us:
+        ratio = a1.p50_us / raw.p50_us
+        out.append((
+            "accept-to-ack p50 within 2x of one raw commit (1 producer)",
+            f"<= {2 * raw.p50_us:,.0f} us",
+            f"{a1.p50_us:,.0f} us ({ratio:.1f}x)",
+            ratio <= 2,
+        ))  # fmt: skip
+    if raw and a100 and raw.rate and a100.rate:
+        ratio = a100.rate / raw.rate
+        out.append((
+            "durable accepts, 100 producers >= 3x raw commits/s (group commit)",
+            f">= {3 * raw.rate:,.0f} /s",
+            f"{a100.rate:,.0f} /s ({ratio:.2f}x)",
+            ratio >= 3,
+        ))  # fmt: skip
+    if r100 and r100.rate:
+        out.append((
+            "durable no-op runs across 100 sessions",
+            ">= 3,000 /s",
+            f"{r100.rate:,.0f} /s ({r100.rate / 3000:.2f}x)",
+            r100.rate >= 3000,
+        ))  # fmt: skip
+    if rec and rec.rate is not None:
+        scale = 100_000 / rec.n
+        target = 5.0 / scale
+        note = "" if scale == 1 else f" (scaled aim for {rec.n:,})"
+        out.append((
+            "recovery of 100,000 pending inputs < 5 s",
+            f"< {target:.1f} s{note}",
+            f"{rec.rate:.2f} s ({rec.rate / target:.1f}x the budget)",
+            rec.rate < target,
+        ))  # fmt: skip
+    return out
+
+
+def fmt_num(x: float | None, digits: int = 0) -> str:
+    return "" if x is None else f"{x:,.{digits}f}"
+
+
+def render(info: dict[str, Any], res: dict[str, Result], sz: Sizes, how: str) -> str:
+    lines = [
+        "| measurement | N | figure | p50 | p99 | per CPU-s | notes |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in res.values():
+        if r.key == "recovery":
+            e = r.extra
+            notes = (
+                f"{e['sessions_recovered']:,} sessions / {e['inputs_recovered']:,} inputs "
+                f"recovered; runs {e['start_s_all']} s; CPU {e['cpu_s']} s; "
+                f"quick_check {e['quick_check_s']} s; db {e['db_mb']} MB; "
+                f"populated via {e['populate']['how']} in {e['populate']['seconds']} s"
+            )
+            lines.append(f"| {r.name} | {r.n:,} | {fmt_num(r.rate, 2)} s | | | | {notes} |")
+            continue
+        notes = ", ".join(f"{k} {v}" for k, v in r.extra.items() if v is not None)
+        p50 = "" if r.p50_us is None else f"{r.p50_us:,.0f} us"
+        p99 = "" if r.p99_us is None else f"{r.p99_us:,.0f} us"
+        lines.append(
+            f"| {r.name} | {r.n:,} | {fmt_num(r.rate)} {r.unit} | {p50} | {p99} | "
+            f"{fmt_num(r.cpu_rate)} | {notes} |"
+        )
+    lines += ["", "| aim (spec) | target | measured | met |", "|---|---:|---:|:-:|"]
+    for aim, target, got, met in aims(res):
+        lines.append(f"| {aim} | {target} | {got} | {'yes' if met else 'NO'} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- profiling
+
+
+def profile(what: str, db_dir: Path, sz: Sizes, how: str) -> int:
+    """cProfile one measurement (the event loop thread only; the writer and reader threads
+    are not profiled) and print the top functions."""
+    import cProfile
+    import pstats
+
+    path = db_dir / f"profile-{what}.db"
+    out = db_dir / f"profile-{what}.pstats"
+    if what == "recovery":
+        asyncio.run(
+            (populate_runtime if how == "runtime" else populate_store)(
+                path, sz.rec_inputs, sz.rec_sessions
+            )
+        )
+        res = run_recovery_child(path, profile=str(out))
+        print(f"Runtime.start(): {res['start_s']:.2f} s under cProfile, {res}")
+        stats = pstats.Stats(str(out))
+    else:
+        jobs: dict[str, Callable[[], Coroutine[Any, Any, Result]]] = {
+            "accept1": lambda: accept_throughput(path, sz.accept_1_n, 1, False),
+            "accept100": lambda: accept_throughput(path, sz.accept_100_n, 100, False),
+            "runs1": lambda: run_throughput(path, sz.runs_1_n, 1),
+            "runs100": lambda: run_throughput(path, sz.runs_100_n, 100),
+        }
+        prof = cProfile.Profile()
+        prof.enable()
+        r = asyncio.run(jobs[what]())
+        prof.disable()
+        print(f"{r.name}: {fmt_num(r.rate)} {r.unit} under cProfile")
+        prof.dump_stats(str(out))
+        stats = pstats.Stats(prof)
+    stats.strip_dirs()
+    stats.sort_stats("cumulative").print_stats(40)
+    stats.sort_stats("tottime").print_stats(25)
+    print(f"stats written to {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (under 30 s)")
+    ap.add_argument(
+        "--db-dir",
+        type=Path,
+        help="where the database files go (default: a fresh temp dir on this checkout's disk, "
+        "removed afterwards)",
+    )
+    ap.add_argument(
+        "--populate",
+        choices=("runtime", "store"),
+        default="runtime",
+        help="fill the recovery database through Runtime.accept (default) or straight through "
+        "SqliteStore.submit (faster)",
+    )
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        choices=("raw", "accept", "runs", "recovery"),
+        help="run only these measurements",
+    )
+    ap.add_argument(
+        "--profile",
+        choices=("accept1", "accept100", "runs1", "runs100", "recovery"),
+        help="instead of benchmarking, cProfile one measurement and print the top functions",
+    )
+    ap.add_argument("--write", metavar="PATH", help="also write the results as JSON to PATH")
+    ap.add_argument("--recover-child", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--child-profile", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.recover_child is not None:
+        res = asyncio.run(recover_child(args.recover_child, args.child_profile))
+        print(json.dumps(res))
+        return 0
+
+    sz = QUICK if args.quick else FULL
+    own_dir = args.db_dir is None
+    db_dir: Path = default_db_dir() if own_dir else args.db_dir
+    db_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.profile:
+            return profile(args.profile, db_dir, sz, args.populate)
+        return bench(args, sz, db_dir)
+    finally:
+        if own_dir:
+            shutil.rmtree(db_dir, ignore_errors=True)
+
+
+def bench(args: argparse.Namespace, sz: Sizes, db_dir: Path) -> int:
+    info = machine(db_dir)
+    print(f"Python  {info['python']}, SQLite {info['sqlite']}")
+    print(f"CPU     {info['cpu']}, {info['cores']} cores, RAM {info['ram_gib']} GiB")
+    print(f"Disk    {info['disk']}")
+    print(f"Date    {info['date']}; load {info['loadavg_at_start']} (1/5/15 min) at start")
+    print(f"Mode    {'quick' if args.quick else 'full'}; databases in {db_dir}")
+    print()
+    only = set(args.only or ("raw", "accept", "runs", "recovery"))
+    started = time.perf_counter()
+    res: dict[str, Result] = {}
+
+    def add(r: Result) -> None:
+        res[r.key] = r
+        extra = "" if r.p50_us is None else f", p50 {r.p50_us:,.0f} us, p99 {r.p99_us:,.0f} us"
+        print(f"  {r.name}: {fmt_num(r.rate, 2 if r.unit == 's' else 0)} {r.unit}{extra}")
+
+    db = db_dir / "bench.db"
+    if "raw" in only:
+        add(raw_commits(db, sz.raw_n))
+    if only & {"accept", "runs"}:  # warm up imports and code paths once, untimed
+        asyncio.run(accept_throughput(db, 200, 1, False))
+        asyncio.run(run_throughput(db, 50, 1))
+    if "accept" in only:
+        add(asyncio.run(accept_throughput(db, sz.accept_1_n, 1, False)))
+        add(asyncio.run(accept_throughput(db, sz.accept_100_n, 100, False)))
+        add(asyncio.run(accept_throughput(db, sz.accept_100_n, 100, True)))
+    if "runs" in only:
+        add(asyncio.run(run_throughput(db, sz.runs_1_n, 1)))
+        add(asyncio.run(run_throughput(db, sz.runs_100_n, 100)))
+    if "recovery" in only:
+        add(recovery(db_dir / "recovery.db", sz.rec_inputs, sz.rec_sessions, args.populate,
+                     sz.rec_reps))  # fmt: skip
+        remove_db(db_dir / "recovery.db")
+    info["loadavg_at_end"] = _loadavg()
+    info["elapsed_s"] = round(time.perf_counter() - started, 1)
+    print()
+    print(render(info, res, sz, args.populate))
+    print()
+    print(f"Load {info['loadavg_at_end']} at end; {info['elapsed_s']} s in all.")
+    if args.write:
+        Path(args.write).write_text(
+            json.dumps(
+                {"machine": info, "results": [asdict(r) for r in res.values()],
+                 "aims": aims(res)}, indent=2,
+            ) + "\n"
+        )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
