@@ -248,11 +248,13 @@ async def accept_throughput(path: Path, n: int, producers: int, shared: bool) ->
         assert isinstance(store, SqliteStore)
         c0, t0 = store.commits, store.transactions
         gc.collect()
+        th0 = _thread_cpu(rt)
         c = Clock()
         counts = await asyncio.gather(
             *(produce(ids[0 if shared else k], b) for k, b in enumerate(batches))
         )
-        rate, cpu_rate, _ = c.rates(n)
+        rate, cpu_rate, wall = c.rates(n)
+        busy = _busy(th0, _thread_cpu(rt), wall)
         _check(sum(counts) == n, f"only {sum(counts)} of {n} inputs were accepted")
         commits, txns = store.commits - c0, store.transactions - t0
     finally:
@@ -267,7 +269,8 @@ async def accept_throughput(path: Path, n: int, producers: int, shared: bool) ->
         key, name = "accept_100", f"durable accepts, {producers} producers (own session each)"
     return Result(
         key, name, n, rate, "accepts/s", pct(lat, 0.5), pct(lat, 0.99), cpu_rate,
-        {"txns_per_commit": round(txns / commits, 2) if commits else None},
+        {"txns_per_commit": round(txns / commits, 2) if commits else None,
+         "thread_busy": busy},
     )  # fmt: skip
 
 
@@ -292,9 +295,11 @@ async def run_throughput(path: Path, n: int, sessions: int) -> Result:
         assert isinstance(store, SqliteStore)
         c0, t0 = store.commits, store.transactions
         gc.collect()
+        th0 = _thread_cpu(rt)
         c = Clock()
         counts = await asyncio.gather(*(produce(s, b) for s, b in zip(ids, batches, strict=True)))
-        rate, cpu_rate, _ = c.rates(n)
+        rate, cpu_rate, wall = c.rates(n)
+        busy = _busy(th0, _thread_cpu(rt), wall)
         _check(sum(counts) == n, f"only {sum(counts)} of {n} runs completed")
         commits, txns = store.commits - c0, store.transactions - t0
     finally:
@@ -305,7 +310,7 @@ async def run_throughput(path: Path, n: int, sessions: int) -> Result:
         f"runs_{sessions}", f"durable no-op runs, {label} (backlog)", n, rate, "runs/s",
         None, None, cpu_rate,
         {"txns_per_commit": round(txns / commits, 2) if commits else None,
-         "txns_per_run": round(txns / n, 2)},
+         "txns_per_run": round(txns / n, 2), "thread_busy": busy},
     )  # fmt: skip
 
 
@@ -410,33 +415,51 @@ def quick_check_seconds(path: Path) -> float:
 
 async def recover_child(path: Path, profile: str | None) -> dict[str, Any]:
     """In a fresh process: time ``Runtime.start()`` (open the store, recover every session
-    with pending inputs); with ``profile``, run it under cProfile and dump stats there."""
+    with pending inputs); with ``profile``, under ``ThreadProfiles`` (stats dumped there)."""
     rt = open_runtime(path, wake=False)
-    prof = None
-    if profile:
-        import cProfile
-
-        prof = cProfile.Profile()
-        prof.enable()
-    t0 = time.perf_counter()
-    cpu0 = time.process_time()
-    await rt.start()
-    start_s = time.perf_counter() - t0
-    cpu_s = time.process_time() - cpu0
-    if prof is not None:
-        prof.disable()
-        prof.dump_stats(profile)
-    reports = rt.recovery_reports
-    t1 = time.perf_counter()
-    await rt.close(grace=0)
-    return {
+    tp = ThreadProfiles() if profile else None
+    with tp if tp is not None else contextlib.nullcontext():
+        cpu_before = _thread_cpu(rt)
+        t0 = time.perf_counter()
+        cpu0 = time.process_time()
+        await rt.start()
+        start_s = time.perf_counter() - t0
+        cpu_s = time.process_time() - cpu0
+        cpu_after = _thread_cpu(rt)
+        reports = rt.recovery_reports
+        t1 = time.perf_counter()
+        await rt.close(grace=0)  # inside, so the store threads' profiles are complete
+        close_s = time.perf_counter() - t1
+    out = {
         "start_s": start_s,
         "cpu_s": cpu_s,
         "sessions": sum(1 for r in reports.values() if r["inputs_recovered"]),
         "inputs": sum(r["inputs_recovered"] for r in reports.values()),
         "lost": sum(r["inputs_lost"] for r in reports.values()),
-        "close_s": time.perf_counter() - t1,
+        "close_s": close_s,
+        "thread_cpu_s": {k: round(cpu_after[k] - cpu_before[k], 3) for k in cpu_after},
     }
+    if tp is not None and profile:
+        tp.dump(profile)
+    return out
+
+
+def _busy(before: dict[str, float], after: dict[str, float], wall: float) -> str:
+    """Each thread's CPU time as a share of the wall time, e.g. ``loop 62% writer 30% ...``."""
+    return " ".join(f"{k} {100 * (after[k] - before[k]) / wall:.0f}%" for k in after)
+
+
+def _thread_cpu(rt: Runtime) -> dict[str, float]:
+    """CPU seconds so far of the loop thread and of the store's writer and reader threads."""
+    out = {"loop": time.thread_time()}
+    store = rt.store
+    for name in ("writer", "reader"):
+        th = getattr(store, f"_{name}", None)
+        ident = getattr(th, "ident", None)
+        out[name] = (
+            time.clock_gettime(time.pthread_getcpuclockid(ident)) if ident is not None else 0.0
+        )
+    return out
 
 
 def run_recovery_child(path: Path, profile: str | None = None) -> dict[str, Any]:
@@ -482,6 +505,7 @@ def recovery(path: Path, inputs: int, sessions: int, how: str, reps: int) -> Res
             "inputs_recovered": best["inputs"],
             "start_s_all": [round(r["start_s"], 3) for r in runs],
             "cpu_s": round(best["cpu_s"], 2),
+            "thread_cpu_s": best["thread_cpu_s"],
             "close_s": round(best["close_s"], 2),
             "quick_check_s": round(qc, 3),
             "db_mb": round(size_mb, 1),
@@ -621,7 +645,8 @@ def render(info: dict[str, Any], res: dict[str, Result], sz: Sizes, how: str) ->
             e = r.extra
             notes = (
                 f"{e['sessions_recovered']:,} sessions / {e['inputs_recovered']:,} inputs "
-                f"recovered; runs {e['start_s_all']} s; CPU {e['cpu_s']} s; "
+                f"recovered; runs {e['start_s_all']} s; CPU {e['cpu_s']} s "
+                f"({', '.join(f'{k} {v}' for k, v in e['thread_cpu_s'].items())}); "
                 f"quick_check {e['quick_check_s']} s; db {e['db_mb']} MB; "
                 f"populated via {e['populate']['how']} in {e['populate']['seconds']} s"
             )
@@ -643,23 +668,81 @@ def render(info: dict[str, Any], res: dict[str, Result], sz: Sizes, how: str) ->
 # ---------------------------------------------------------------------------- profiling
 
 
-def profile(what: str, db_dir: Path, sz: Sizes, how: str) -> int:
-    """cProfile one measurement (the event loop thread only; the writer and reader threads
-    are not profiled) and print the top functions."""
-    import cProfile
+class ThreadProfiles:
+    """cProfile (CPU time, ``time.thread_time``) of the event loop thread and of the store's
+    writer and reader threads, plus each thread's CPU seconds. The store threads are
+    instrumented by wrapping ``SqliteStore._writer_main`` / ``_reader_main`` (benchmark only;
+    the package is not changed)."""
+
+    def __init__(self) -> None:
+        import cProfile
+
+        self.profiles = {
+            name: cProfile.Profile(timer=time.thread_time) for name in ("loop", "writer", "reader")
+        }
+        self.cpu = dict.fromkeys(self.profiles, 0.0)
+        self._orig: dict[str, Any] = {}
+
+    def __enter__(self) -> ThreadProfiles:
+        for name in ("writer", "reader"):
+            attr = f"_{name}_main"
+            orig = getattr(SqliteStore, attr)
+            self._orig[attr] = orig
+
+            def wrapped(store: Any, ready: Any, _o: Any = orig, _n: str = name) -> None:
+                t0 = time.thread_time()
+                self.profiles[_n].enable()
+                try:
+                    _o(store, ready)
+                finally:
+                    self.profiles[_n].disable()
+                    self.cpu[_n] += time.thread_time() - t0
+
+            setattr(SqliteStore, attr, wrapped)
+        self._t0 = time.thread_time()
+        self.profiles["loop"].enable()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.profiles["loop"].disable()
+        self.cpu["loop"] += time.thread_time() - self._t0
+        for attr, orig in self._orig.items():
+            setattr(SqliteStore, attr, orig)
+
+    def dump(self, prefix: str) -> None:
+        for name, prof in self.profiles.items():
+            prof.dump_stats(f"{prefix}-{name}.pstats")
+
+    def summary(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.cpu.items()}
+
+
+def print_stats(path: str, title: str, top: int) -> None:
     import pstats
 
+    print(f"\n==== {title} ====")
+    stats = pstats.Stats(path)
+    stats.strip_dirs()
+    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top)
+
+
+def profile(what: str, db_dir: Path, sz: Sizes, how: str, top: int) -> int:
+    """cProfile one measurement in every thread that does work (CPU time) and print the top
+    functions of each; the .pstats files stay in --db-dir when it is given."""
     path = db_dir / f"profile-{what}.db"
-    out = db_dir / f"profile-{what}.pstats"
+    prefix = str(db_dir / f"profile-{what}")
     if what == "recovery":
         asyncio.run(
             (populate_runtime if how == "runtime" else populate_store)(
                 path, sz.rec_inputs, sz.rec_sessions
             )
         )
-        res = run_recovery_child(path, profile=str(out))
-        print(f"Runtime.start(): {res['start_s']:.2f} s under cProfile, {res}")
-        stats = pstats.Stats(str(out))
+        res = run_recovery_child(path, profile=prefix)
+        print(f"Runtime.start(): {res['start_s']:.2f} s under cProfile (child {res})")
+        print("(the writer and reader profiles also hold Runtime.close(): 1 lease release per")
+        print(" session; the CPU seconds below are those of Runtime.start() alone)")
+        cpu = res["thread_cpu_s"]
     else:
         jobs: dict[str, Callable[[], Coroutine[Any, Any, Result]]] = {
             "accept1": lambda: accept_throughput(path, sz.accept_1_n, 1, False),
@@ -667,17 +750,19 @@ def profile(what: str, db_dir: Path, sz: Sizes, how: str) -> int:
             "runs1": lambda: run_throughput(path, sz.runs_1_n, 1),
             "runs100": lambda: run_throughput(path, sz.runs_100_n, 100),
         }
-        prof = cProfile.Profile()
-        prof.enable()
-        r = asyncio.run(jobs[what]())
-        prof.disable()
-        print(f"{r.name}: {fmt_num(r.rate)} {r.unit} under cProfile")
-        prof.dump_stats(str(out))
-        stats = pstats.Stats(prof)
-    stats.strip_dirs()
-    stats.sort_stats("cumulative").print_stats(40)
-    stats.sort_stats("tottime").print_stats(25)
-    print(f"stats written to {out}")
+        asyncio.run(accept_throughput(path, 200, 1, False))  # warm-up, unprofiled
+        asyncio.run(run_throughput(path, 50, 1))
+        w0 = time.perf_counter()
+        with ThreadProfiles() as tp:
+            r = asyncio.run(jobs[what]())
+        wall = time.perf_counter() - w0
+        tp.dump(prefix)
+        cpu = tp.summary()
+        print(f"{r.name}: {fmt_num(r.rate)} {r.unit} under cProfile; wall {wall:.2f} s")
+    print(f"CPU seconds by thread: {cpu}")
+    for name in ("loop", "writer", "reader"):
+        print_stats(f"{prefix}-{name}.pstats", f"{name} thread (CPU time)", top)
+    print(f"\nstats written to {prefix}-{{loop,writer,reader}}.pstats")
     return 0
 
 
@@ -711,6 +796,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=("accept1", "accept100", "runs1", "runs100", "recovery"),
         help="instead of benchmarking, cProfile one measurement and print the top functions",
     )
+    ap.add_argument("--top", type=int, default=25, help="functions shown per profile table")
     ap.add_argument("--write", metavar="PATH", help="also write the results as JSON to PATH")
     ap.add_argument("--recover-child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--child-profile", help=argparse.SUPPRESS)
@@ -727,7 +813,7 @@ def main(argv: list[str] | None = None) -> int:
     db_dir.mkdir(parents=True, exist_ok=True)
     try:
         if args.profile:
-            return profile(args.profile, db_dir, sz, args.populate)
+            return profile(args.profile, db_dir, sz, args.populate, args.top)
         return bench(args, sz, db_dir)
     finally:
         if own_dir:

@@ -113,14 +113,17 @@ __all__ = [
     "KILL_POINTS",
     "RANDOM",
     "Ack",
+    "ChildRun",
     "ChildSpec",
     "CrashtestReport",
     "DbView",
     "InputSpec",
+    "Launcher",
     "PointStats",
     "SessionSpec",
     "TrialResult",
     "Violation",
+    "Zygote",
     "check_invariants",
     "child_main",
     "crash_policy",
@@ -1154,7 +1157,7 @@ def _workload(rng: random.Random, directory: Path, takeover: bool) -> ChildSpec:
         sessions.append(SessionSpec(f"crash-s{s}", _script(rng, len(inputs)), inputs))
     options: dict[str, Any] = {"wait_timeout": 20.0}
     if takeover:
-        options.update(owner_id=None, lease_ttl=1.0)
+        options.update(owner_id=None, lease_ttl=0.5)
     return ChildSpec.in_dir(directory, sessions, **options)
 
 

@@ -1167,6 +1167,25 @@ async def test_sqlite_disk_full_fails_cleanly(sq: SqliteStore) -> None:
     assert len(await sq.load_input_states(rid)) == 401
 
 
+async def test_sqlite_a_dead_writer_never_leaves_a_future_hanging(
+    sq: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should the writer thread die of a bug, work in flight and later work fail with a clear
+    error instead of hanging, and close() still returns."""
+
+    def broken(conn: sqlite3.Connection, batch: list[Any]) -> None:
+        raise RuntimeError("a bug in the writer")
+
+    monkeypatch.setattr(sq, "_run_batch", broken)
+    with pytest.raises(StoreError, match=r"a bug in the writer.*writer thread stopped"):
+        await asyncio.wait_for(sq.submit(mk_txn("rt", 0, mk_state())), 5)
+    with pytest.raises(StoreError, match="writer thread stopped"):
+        await asyncio.wait_for(sq.submit(mk_txn("rt", 0, mk_state())), 5)
+    with pytest.raises(StoreError, match="writer thread stopped"):
+        await asyncio.wait_for(sq.acquire_lease("rt", "a", 30), 5)
+    await asyncio.wait_for(sq.close(), 5)
+
+
 async def test_sqlite_group_commit_batches_waiting_transactions(sq: SqliteStore) -> None:
     """While another connection holds the write lock, submissions queue up; once it is
     released they share one COMMIT, and a fenced one among them fails alone."""

@@ -1596,10 +1596,7 @@ class SessionRuntime:
             )
         self.held = replacement_planned
         self._paused_until = None
-        src = self.state
-        self.state = RuntimeState.RETIRED
-        txn.runtime_state = RuntimeState.RETIRED
-        self._emit(txn, "runtime_state_change", {"from": src.value, "to": "retired"}, now)
+        self._set_state(txn, RuntimeState.RETIRED, now)
         self._emit(
             txn,
             "topology",
@@ -1643,10 +1640,7 @@ class SessionRuntime:
         rebuilt = self._rebuild_derived(txn, now)
         self.held = False
         self._paused_until = None
-        src = self.state
-        self.state = RuntimeState.IDLE
-        txn.runtime_state = RuntimeState.IDLE
-        self._emit(txn, "runtime_state_change", {"from": src.value, "to": "idle"}, now)
+        self._set_state(txn, RuntimeState.IDLE, now)
         self._emit(
             txn,
             "topology",
@@ -1762,11 +1756,7 @@ class SessionRuntime:
         self.held = False
         self.conversation = Conversation()
         txn.conversation_reset = True
-        src = self.state
-        if src is not RuntimeState.IDLE:
-            self.state = RuntimeState.IDLE
-            txn.runtime_state = RuntimeState.IDLE
-            self._emit(txn, "runtime_state_change", {"from": src.value, "to": "idle"}, now)
+        self._set_state(txn, RuntimeState.IDLE, now)
         await self._commit(txn)
         self._kick()
         return {"inputs_abandoned": n}
@@ -1782,10 +1772,7 @@ class SessionRuntime:
             txn.runs.append(run.record)
             self._resolve_early(txn, run)
             self._emit_run(txn, "cancelled", now, run_id=run.run_id, reason="runtime destroyed")
-        src = self.state
-        self.state = RuntimeState.DESTROYED
-        txn.runtime_state = RuntimeState.DESTROYED
-        self._emit(txn, "runtime_state_change", {"from": src.value, "to": "destroyed"}, now)
+        self._set_state(txn, RuntimeState.DESTROYED, now)
         n = self._abandon_all(txn, InputAbandonReason.DESTROYED, now)
         self._queue.clear()
         self._waking = 0

@@ -803,8 +803,8 @@ class SqliteStore:
 
     async def _stop(self, q: queue.SimpleQueue[_Job]) -> None:
         thread = self._writer if q is self._wq else self._reader
-        if thread is None or not thread.is_alive():
-            return  # already gone (it failed): nothing would acknowledge
+        if thread is None or not thread.is_alive() or self._dead is not None:
+            return  # gone or going (a store thread failed): nothing would acknowledge
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         q.put(_Job(None, loop, done))
@@ -903,6 +903,7 @@ class SqliteStore:
             return
         _deliver([(ready, None, None)])
         stop: _Job | None = None
+        batch: list[_Job] = []
         try:
             while stop is None:
                 job = self._wq.get()
@@ -920,10 +921,14 @@ class SqliteStore:
                         break
                     batch.append(nxt)
                 self._run_batch(conn, batch)
+                batch = []
         except BaseException as exc:  # a bug: never leave a future hanging
             err = self._error(exc)
             self._dead = StoreError(f"{err} (the store's writer thread stopped)")
-            leftover: list[tuple[_Job, Any, BaseException | None]] = []
+            leftover: list[tuple[_Job, Any, BaseException | None]] = [
+                (j, None, self._dead)
+                for j in batch  # in flight: never committed
+            ]
             while True:
                 try:
                     j = self._wq.get_nowait()
@@ -1066,6 +1071,19 @@ class SqliteStore:
                     _deliver([(job, None, self._error(exc))])
                 else:
                     _deliver([(job, result, None)])
+        except BaseException as exc:  # a bug: never leave a future hanging
+            self._dead = StoreError(f"{self._error(exc)} (the store's reader thread stopped)")
+            leftover: list[tuple[_Job, Any, BaseException | None]] = []
+            while True:
+                try:
+                    j = self._rq.get_nowait()
+                except queue.Empty:
+                    break
+                if j.fn is None:
+                    stop = j
+                else:
+                    leftover.append((j, None, self._dead))
+            _deliver(leftover)
         finally:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
