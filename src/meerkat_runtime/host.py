@@ -487,6 +487,10 @@ class Runtime:
                 Rejected(reason="this Runtime is shutting down", code=RejectCode.NOT_READY), None
             )
         rt = await self._owned(session_id)
+        if rt is not None and _has_key(raw) and self._token is not None:
+            # another process may have claimed keys through the inbox: take them in first so
+            # its claims are known before this accept decides (narrows, does not close, the race)
+            await self._ingest(rt)
         if rt is not None:
             outcome, fut = await rt.accept(
                 raw, reconstruction_source=source, register_waiter=waiter
@@ -745,6 +749,13 @@ class Runtime:
             if not follow:
                 return
             await signal.wait()
+
+
+def _has_key(raw: Any) -> bool:
+    header = getattr(raw, "header", None)
+    if header is not None:
+        return header.idempotency_key is not None
+    return True  # a document: assume it may carry a key (cheap to check the inbox)
 
 
 def _gap(session_id: str, start: int, end: int) -> RuntimeEventEnvelope:

@@ -115,7 +115,7 @@ async def test_s10_owner_killed_the_other_process_takes_over(tmp_path: Path) -> 
                 await rt.accept_with_completion(sid, PromptInput.new(f"q{i}")) for i in range(3)
             ]
             # let the owner ingest them and start a run, then kill it mid-run
-            for _ in range(100):
+            for _ in range(400):  # up to 20 s: the machine may be loaded
                 st = await rt.get_input_state(sid, handles[0].input_id)
                 if st.current_state.value in ("staged", "applied_pending_consumption"):
                     break

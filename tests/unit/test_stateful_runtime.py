@@ -103,6 +103,11 @@ AVOID_BUG_RETIRED_FAILED_JOINERS = True
 #: and what it accepts is stranded in the queue. Avoided: no accepts while it happens; the
 #: state check allows ``running`` for a continuation in a retired runtime.
 AVOID_BUG_RETIRED_CONTINUATION_ACCEPTS = True
+#: BUG-5: a respawn waiting for the active run, then a reset and an accept: the new input's
+#: run starts before the respawn resumes, and the respawn then sets state ``idle`` (and bumps
+#: the generation) under that active run. Avoided: no accept right after a reset while a
+#: respawn is pending.
+AVOID_BUG_RESET_DURING_RESPAWN = True
 
 # --- inputs -------------------------------------------------------------------------------
 
@@ -822,10 +827,15 @@ class RuntimeMachine(RuleBasedStateMachine):
 
     @rule(
         sidx=st.integers(0, 1),
-        op=st.sampled_from(["retire", "retire_for_respawn", "respawn", "respawn", "reset"]),
+        op=st.sampled_from(
+            ["retire", "retire_for_respawn", "respawn", "respawn", "reset", "reset_and_accept"]
+        ),
+        spec=input_specs(),
     )
     @_marks_failure
-    def lifecycle(self, sidx: int, op: str) -> None:
+    def lifecycle(self, sidx: int, op: str, spec: Spec) -> None:
+        """``reset_and_accept``: a reset followed at once by an accept, while the fenced run
+        is still unwinding in its executor (one run at a time, S9)."""
         if op == "retire":
             self.do_retire(sidx, False)
         elif op == "retire_for_respawn":
@@ -833,7 +843,7 @@ class RuntimeMachine(RuleBasedStateMachine):
         elif op == "respawn":
             self.do_respawn(sidx)
         else:
-            self.do_reset(sidx)
+            self.do_reset(sidx, spec if op == "reset_and_accept" else None)
 
     def do_retire(self, sidx: int, replacement: bool) -> None:
         sid = self._sid(sidx)
@@ -909,7 +919,7 @@ class RuntimeMachine(RuleBasedStateMachine):
 
         self._run(go())
 
-    def do_reset(self, sidx: int) -> None:
+    def do_reset(self, sidx: int, then_accept: Spec | None = None) -> None:
         sid = self._sid(sidx)
 
         async def go() -> None:
@@ -931,6 +941,9 @@ class RuntimeMachine(RuleBasedStateMachine):
             assert sr.state is RuntimeState.IDLE and not sr.held
             self.retired[sid] = None
             self.before_reset[sid] = set(after)
+            respawning = sid in self.respawns and not self.respawns[sid].done()
+            if then_accept is not None and not (AVOID_BUG_RESET_DURING_RESPAWN and respawning):
+                await self._accept(sid, then_accept)
             await self._settle()
 
         self._run(go())
@@ -1337,7 +1350,7 @@ def test_runtime_state_machine_slow() -> None:
     run_state_machine_as_test(
         RuntimeMachine,
         settings=settings(
-            max_examples=1000,
+            max_examples=500,
             stateful_step_count=60,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
@@ -1475,3 +1488,30 @@ async def test_bug_retired_continuation_refuses_input() -> None:
     await rt.close(grace=0)
     assert state is RuntimeState.RETIRED, state  # today: running
     assert late.outcome_type == "rejected", late  # today: accepted, then stranded
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG-5: a pending respawn resumes after reset + accept and sets state idle "
+    "under the new active run",
+)
+async def test_bug_respawn_resuming_after_reset_and_accept() -> None:
+    from tests.helpers import ScriptedExecutor
+
+    rt = Runtime.open("memory://", config=CFG)
+    ex = ScriptedExecutor(["hang", "hang"])
+    s = await rt.create_session(executor=ex)
+    await rt.accept(s.id, PromptInput.new("one"))
+    await asyncio.wait_for(ex.started.wait(), 2)
+    respawn = asyncio.create_task(rt.respawn(s.id))  # waits for the hanging run
+    await _spin(5)
+    await rt.reset(s.id)  # fences the run; the respawn is still waiting for it to end
+    await rt.accept(s.id, PromptInput.new("two"))
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(respawn, 2)
+    await _spin()
+    sr = rt.runtime(s.id)
+    active, state = sr.active_run_id, sr.state
+    await rt.close(grace=0)
+    assert active is not None
+    assert state is RuntimeState.RUNNING, state  # today: idle with a run in flight

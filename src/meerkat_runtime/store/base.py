@@ -16,6 +16,9 @@ transaction is durable. Invariants every store keeps:
   earlier one of the same runtime.
 - Fencing (S10): a transaction whose ``generation`` differs from the runtime's stored
   generation is refused with ``FencedError`` and writes nothing.
+- Poisoning: once a transaction of (runtime, generation) fails, every later-submitted
+  transaction of that pair is refused (``FencedError``) until the runtime recovers under a
+  new generation, so a failed instance can never persist state that ran ahead of the store.
 - Append-only conversations: rows are inserted, never updated; only ``conversation_reset``
   deletes them (a runtime reset, S9).
 """
