@@ -584,7 +584,7 @@ class Sizes:
 
 
 FULL = Sizes(5_000, 5_000, 20_000, 2_000, 10_000, 100_000, 1_000, 2)
-QUICK = Sizes(1_000, 1_000, 4_000, 300, 2_000, 10_000, 100, 1)
+QUICK = Sizes(1_000, 1_000, 2_000, 200, 1_000, 10_000, 100, 1)
 
 
 def aims(res: dict[str, Result]) -> list[tuple[str, str, str, bool | None]]:
@@ -780,10 +780,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--populate",
-        choices=("runtime", "store"),
-        default="runtime",
-        help="fill the recovery database through Runtime.accept (default) or straight through "
-        "SqliteStore.submit (faster)",
+        choices=("store", "runtime"),
+        default="store",
+        help="fill the recovery database straight through SqliteStore.submit (default: the same "
+        "queued InputStates an accept stores, without its events) or through Runtime.accept "
+        "(about 8x slower: 3 min for 100,000 inputs on 2 vCPUs; recovery times are the same)",
     )
     ap.add_argument(
         "--only",

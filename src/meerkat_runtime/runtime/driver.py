@@ -249,6 +249,8 @@ class SessionRuntime:
         self._idem: dict[str, tuple[InputId, str, datetime]] = {}
         self._scopes: dict[tuple[str, str], list[InputId]] = {}
         self._waking = 0  # queued inputs whose as-if-idle policy wakes (S17)
+        self._joinable = 0  # queued inputs that may join a boundary (S16, S17)
+        self._coalescable = 0  # queued inputs with queue mode coalesce (S3)
         self._order_back = 0  # queue positions: appends count up, returns to the front down
         self._order_front = 0
         self._nonterminal = 0
@@ -419,12 +421,25 @@ class SessionRuntime:
         self._queue.push_back(entry.state.input_id, entry.priority)
         if txn is not None:
             txn.queue_orders[entry.state.input_id] = entry.order
-        if entry.wakes:
-            self._waking += 1
+        self._count(entry, 1)
 
     def _dequeue(self, entry: _Entry) -> None:
-        if self._queue.remove(entry.state.input_id) and entry.wakes:
-            self._waking -= 1
+        if self._queue.remove(entry.state.input_id):
+            self._count(entry, -1)
+
+    def _count(self, entry: _Entry, delta: int) -> None:
+        """Keep the queue's counters (waking, joinable, coalescable) exact, so starting a
+        run and taking a checkpoint scan the queue only when something can join or merge."""
+        if entry.wakes:
+            self._waking += delta
+        if entry.policy.joins_boundaries:
+            self._joinable += delta
+        if entry.policy.queue_mode is QueueMode.COALESCE:
+            self._coalescable += delta
+
+    def _clear_queue(self) -> None:
+        self._queue.clear()
+        self._waking = self._joinable = self._coalescable = 0
 
     def _entry(self, input_id: InputId) -> _Entry:
         e = self._entries.get(input_id)
@@ -753,12 +768,23 @@ class SessionRuntime:
             return run, txn
         if self._waking <= 0 or self.state is not RuntimeState.IDLE:
             return None
-        self._coalesce_queue(txn, now)
-        order = self._queue.ids()
-        if not order:
-            return None
-        head_id = next((i for i in order if not self._entries[i].policy.joins_boundaries), order[0])
-        selected = [i for i in order if i == head_id or self._entries[i].policy.joins_boundaries]
+        if self._coalescable >= 2:
+            self._coalesce_queue(txn, now)
+        if self._joinable == 0:
+            first = self._queue.peek()  # nothing can join: the head runs alone (O(1))
+            if first is None:
+                return None
+            head_id, selected = first, [first]
+        else:
+            order = self._queue.ids()
+            if not order:
+                return None
+            head_id = next(
+                (i for i in order if not self._entries[i].policy.joins_boundaries), order[0]
+            )
+            selected = [
+                i for i in order if i == head_id or self._entries[i].policy.joins_boundaries
+            ]
         run = self._new_run(txn, is_continuation=False, now=now)
         run.head = head_id
         for iid in selected:
@@ -1029,8 +1055,9 @@ class SessionRuntime:
         receipt = self._receipt(txn, run, RunApplyBoundary.RUN_CHECKPOINT, applying)
         self._apply_pending(txn, run, applying, now)
         joined: list[InputId] = []
-        if self.state is RuntimeState.RUNNING and not self.held:
-            self._coalesce_queue(txn, now)
+        if self.state is RuntimeState.RUNNING and not self.held and self._joinable:
+            if self._coalescable >= 2:
+                self._coalesce_queue(txn, now)
             joined = [i for i in self._queue.ids() if self._entries[i].policy.joins_boundaries]
             for iid in joined:
                 self._stage(txn, self._entries[iid], run, now)
@@ -1203,7 +1230,8 @@ class SessionRuntime:
                 back.append(e)
         if back:
             self._queue.push_front([(e.state.input_id, e.priority) for e in back])
-            self._waking += sum(1 for e in back if e.wakes)
+            for e in back:
+                self._count(e, 1)
             for e in reversed(back):
                 self._order_front -= 1
                 e.order = self._order_front
@@ -1437,7 +1465,8 @@ class SessionRuntime:
         if staged_back:
             live = [e for e in staged_back if not e.state.is_terminal]
             self._queue.push_front([(e.state.input_id, e.priority) for e in live])
-            self._waking += sum(1 for e in live if e.wakes)
+            for e in live:
+                self._count(e, 1)
             for e in reversed(live):
                 self._order_front -= 1
                 e.order = self._order_front
@@ -1748,8 +1777,7 @@ class SessionRuntime:
             self._resolve_early(txn, run)
             self._emit_run(txn, "cancelled", now, run_id=run.run_id, reason="runtime reset")
         n = self._abandon_all(txn, InputAbandonReason.RESET, now)
-        self._queue.clear()
-        self._waking = 0
+        self._clear_queue()
         self._pending_consumption.clear()
         self._continuation_pending = False
         self._paused_until = None
@@ -1774,8 +1802,7 @@ class SessionRuntime:
             self._emit_run(txn, "cancelled", now, run_id=run.run_id, reason="runtime destroyed")
         self._set_state(txn, RuntimeState.DESTROYED, now)
         n = self._abandon_all(txn, InputAbandonReason.DESTROYED, now)
-        self._queue.clear()
-        self._waking = 0
+        self._clear_queue()
         self._pending_consumption.clear()
         self._continuation_pending = False
         self._paused_until = None

@@ -42,6 +42,19 @@ class InputQueue:
                 if cur is not None and cur[0] == tok:
                     yield iid
 
+    def peek(self) -> InputId | None:
+        """The id at the front (priority lane first), dropping stale tombstones on the way."""
+        live = self._live
+        for lane in (self._prio, self._fifo):
+            while lane:
+                iid, tok = lane[0]
+                cur = live.get(iid)
+                if cur is not None and cur[0] == tok:
+                    return iid
+                lane.popleft()
+                self._dead -= 1
+        return None
+
     def ids(self) -> list[InputId]:
         return list(self)
 

@@ -191,16 +191,15 @@ class MemoryStore:
                 f"this writer holds generation {txn.generation} (fenced, S10)"
             )
         if txn.rows:
-            existing = (
-                set() if txn.conversation_reset else {r.index for r in self.conversations[rid]}
-            )
+            # rows are appended densely: the next index is the stored count (O(1) check)
+            expected = 0 if txn.conversation_reset else len(self.conversations[rid])
             for r in txn.rows:
-                if r.index in existing:
+                if r.index < expected:
                     raise self._refuse(
                         f"conversation row {r.index} of runtime {rid} is already stored "
                         "(conversations are append-only)"
                     )
-                existing.add(r.index)
+                expected = r.index + 1
         keys: set[tuple[str, RunId, int]] = set()
         for rc in txn.receipts:
             key = (rid, rc.run_id, rc.sequence)
@@ -254,7 +253,7 @@ class MemoryStore:
         if txn.next_generation is not None:
             row.generation = txn.next_generation
         if txn.events:
-            self.events[rid].extend(e.model_copy(deep=True) for e in txn.events)
+            self.events[rid].extend(txn.events)  # envelopes never change once emitted
             row.last_seq = max(row.last_seq, txn.events[-1].seq)
         if txn.inbox_done:
             done = set(txn.inbox_done)

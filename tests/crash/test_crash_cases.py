@@ -1,0 +1,414 @@
+"""Conformance crash cases 11-16 (spec §5) against a real process killed with SIGKILL.
+
+Every case runs the crash kit's child (``python -m meerkat_runtime.crashtest child ...``, a
+fresh interpreter) on its own SQLite file, armed with ``MEERKAT_CRASH_AT=point:n`` so it
+SIGKILLs itself at the named point; asserts it died of SIGKILL (returncode -9); restarts it
+unarmed so it recovers (S7) and finishes; then checks the case's own assertions and the kit's
+invariants (``check_invariants``): no acknowledged durable input lost, nothing applied twice,
+every waiter resolved, no terminal state changed after the crash.
+
+The regression tests at the end (bugs the kit found) run their children forked by the kit's
+zygote, which is much faster to start; so does ``test_crashtest_kit_short_run``, the kit itself
+(every crash point several times plus random instants; ``MEERKAT_CRASHTEST_KILLS`` sets the
+number of trials). The kit works on a RAM disk when there is one: a SIGKILL never loses the
+page cache, so the verdicts do not depend on the medium, only the fsync cost does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meerkat_runtime.crashtest import (
+    CRASH_POINTS,
+    KILL_POINTS,
+    RANDOM,
+    ChildRun,
+    ChildSpec,
+    DbView,
+    InputSpec,
+    Launcher,
+    SessionSpec,
+    check_invariants,
+    read_acks,
+    read_db,
+    read_outcomes,
+    read_reports,
+    run_child,
+    run_crashtest,
+    terminal_snapshot,
+)
+
+SID = "crash-session"
+FAST = [
+    {"type": "tool", "name": "lookup", "args": {"q": 1}, "duration": 0.01, "result": "42"},
+    {"type": "text", "text": "the answer is 42"},
+    {"type": "tool", "name": "lookup", "args": {"q": 2}, "duration": 0.01, "result": "43"},
+    {"type": "text", "text": "the answer is 43"},
+    {"type": "tool", "name": "lookup", "args": {"q": 3}, "duration": 0.01, "result": "44"},
+    {"type": "text", "text": "the answer is 44"},
+]
+SIGKILL_RC = -9
+
+
+def _spec(tmp_path: Path, inputs: list[InputSpec], script: Any = None, **opts: Any) -> ChildSpec:
+    session = SessionSpec(SID, list(FAST if script is None else script), inputs)
+    return ChildSpec.in_dir(tmp_path, [session], **opts)
+
+
+def _killed(spec: ChildSpec, crash_at: str, launcher: Launcher = "spawn") -> ChildRun:
+    run = run_child(spec, crash_at, timeout=60.0, launcher=launcher)
+    assert run.returncode == SIGKILL_RC, (
+        f"the child armed with {crash_at} did not die of SIGKILL "
+        f"(returncode {run.returncode}):\n{run.log_tail()}"
+    )
+    return run
+
+
+def _finished(
+    spec: ChildSpec, crash_at: str | None = None, launcher: Launcher = "spawn"
+) -> ChildRun:
+    run = run_child(spec, crash_at, timeout=60.0, launcher=launcher, log_name="child-restart.log")
+    assert run.returncode == 0, f"the restarted child failed:\n{run.log_tail()}"
+    return run
+
+
+def _invariants(spec: ChildSpec, snapshots: list[dict[str, str]]) -> DbView:
+    db = read_db(spec.db)
+    problems = check_invariants(
+        db, read_acks(spec.ack_log), read_outcomes(spec.outcomes), snapshots
+    )
+    assert problems == [], "\n".join(problems)
+    return db
+
+
+def _doc(db: DbView, input_id: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(db.inputs[input_id].state_json)
+    return doc
+
+
+def _outcome(spec: ChildSpec, input_id: str) -> dict[str, Any]:
+    outcomes = read_outcomes(spec.outcomes)
+    assert outcomes is not None and input_id in outcomes, f"no outcome for {input_id}"
+    return outcomes[input_id]
+
+
+def _user_rows(db: DbView, input_id: str) -> int:
+    return sum(1 for r in db.rows_naming(input_id) if r.message.get("role") == "user")
+
+
+def _first_ids(spec: ChildSpec) -> list[str]:
+    """Acknowledged ids by input index (first acknowledgement of each)."""
+    by_index: dict[int, str] = {}
+    for a in read_acks(spec.ack_log):
+        by_index.setdefault(a.index, a.input_id)
+    return [by_index[i] for i in sorted(by_index)]
+
+
+def _assert_no_tool_rerun(db: DbView) -> None:
+    results = db.tool_results(SID)
+    calls = db.tool_calls(SID)
+    assert all(n <= 1 for n in results.values()), f"a tool result was written twice: {results}"
+    assert all(n <= 1 for n in calls.values()), f"a tool call was made twice: {calls}"
+
+
+# ------------------------------------------------------------------------------ case 11
+
+
+def test_conformance_11_crash_while_queued(tmp_path: Path) -> None:
+    """Killed right after the input's acceptance committed (durable, queued, never run, and
+    never acknowledged to the client): the restart finds it, runs it once, and the client's
+    retry with the same idempotency key is answered ``deduplicated`` and resolves
+    ``completed``."""
+    spec = _spec(tmp_path, [InputSpec("prompt")])
+    _killed(spec, "accept.committed:1")
+    assert read_acks(spec.ack_log) == []  # the kill came before accept returned
+    queued = read_db(spec.db)
+    (iid,) = queued.inputs
+    assert queued.inputs[iid].current_state in ("queued", "staged")
+    snap = terminal_snapshot(spec.db)
+    _finished(spec)
+    db = _invariants(spec, [snap])
+    (ack,) = read_acks(spec.ack_log)
+    assert (ack.input_id, ack.ack) == (iid, "deduplicated")
+    assert db.inputs[iid].current_state == "consumed"
+    assert _user_rows(db, iid) == 1
+    out = _outcome(spec, iid)
+    assert out["outcome_type"] == "completed"
+    assert out["result"]["text"] == "the answer is 42"
+
+
+# ------------------------------------------------------------------------------ case 12
+
+
+def test_conformance_12_crash_while_staged(tmp_path: Path) -> None:
+    """Killed after the run-start transaction staged the input, before its boundary committed:
+    recovery finds no receipt listing it, puts it back at the front of the queue counting an
+    attempt (S4, S7), and it is applied exactly once."""
+    spec = _spec(tmp_path, [InputSpec("prompt"), InputSpec("prompt")])
+    _killed(spec, "boundary.before:1")
+    first = read_db(spec.db)
+    staged = [i for i, s in first.inputs.items() if s.current_state == "staged"]
+    assert len(staged) == 1
+    (iid,) = staged
+    assert first.rows_naming(iid) == []  # nothing of it was applied
+    snap = terminal_snapshot(spec.db)
+    _finished(spec)
+    db = _invariants(spec, [snap])
+    doc = _doc(db, iid)
+    reasons = [h.get("reason") for h in doc["history"]]
+    assert "recovery: staged, no receipt" in reasons
+    assert doc["current_state"] == "consumed"
+    assert doc["attempt_count"] >= 1 and doc["recovery_count"] == 1
+    assert _user_rows(db, iid) == 1
+    assert _outcome(spec, iid)["outcome_type"] == "completed"
+
+
+# ------------------------------------------------------------------------------ case 13
+
+
+@pytest.mark.parametrize("point", ["boundary.after", "checkpoint.after"])
+def test_conformance_13_crash_while_applied_pending_consumption(tmp_path: Path, point: str) -> None:
+    """Killed after the boundary (or the first checkpoint, with the tool call and its result)
+    committed: the input stays applied (S5), the restart runs a continuation, the user message
+    is never appended again and a committed tool call is never run again (S6)."""
+    spec = _spec(tmp_path, [InputSpec("prompt")])
+    _killed(spec, f"{point}:1")
+    first = read_db(spec.db)
+    (iid,) = first.inputs
+    assert first.inputs[iid].current_state == "applied_pending_consumption"
+    assert _user_rows(first, iid) == 1
+    committed_tools = set(first.tool_results(SID))
+    assert committed_tools == ({"call_0"} if point == "checkpoint.after" else set())
+    snap = terminal_snapshot(spec.db)
+    _finished(spec)
+    db = _invariants(spec, [snap])
+    assert db.inputs[iid].current_state == "consumed"
+    assert _user_rows(db, iid) == 1
+    _assert_no_tool_rerun(db)
+    assert set(db.tool_results(SID)) == {"call_0"}  # run exactly once, before or after
+    continuations = [r for r in db.runs.values() if r.is_continuation]
+    assert [r.status for r in continuations] == ["completed"]
+    (report,) = read_reports(spec.report)
+    assert report["recovery_reports"][SID]["continuations"] == 1
+    out = _outcome(spec, iid)
+    assert out["outcome_type"] == "completed"
+    assert out["result"]["text"] == "the answer is 42"
+
+
+# ------------------------------------------------------------------------------ case 14
+
+
+def test_conformance_14_repeated_failures_while_applied_pending_consumption(
+    tmp_path: Path,
+) -> None:
+    """Killed after the first checkpoint (tool result committed), then killed again at the
+    boundary of every continuation: each recovery counts an attempt (S4), so the third restart
+    abandons the input ``retry_budget_exceeded`` instead of looping forever; its user message
+    and its tool call were written once and never again."""
+    spec = _spec(tmp_path, [InputSpec("prompt")])
+    _killed(spec, "checkpoint.after:1")
+    snapshots = [terminal_snapshot(spec.db)]
+    iid = next(iter(read_db(spec.db).inputs))
+    attempts = []
+    for _ in range(2):  # the continuations of the 1st and 2nd restarts die at their boundary
+        _killed(spec, "boundary.after:1")
+        doc = _doc(read_db(spec.db), iid)
+        assert doc["current_state"] == "applied_pending_consumption"
+        attempts.append(doc["attempt_count"])
+        snapshots.append(terminal_snapshot(spec.db))
+    assert attempts == [1, 2]
+    # the 3rd restart, armed the same way, never reaches a boundary: recovery spends the budget
+    _finished(spec, "boundary.after:1")
+    _finished(spec)  # and one more plain restart changes nothing
+    db = _invariants(spec, snapshots)
+    doc = _doc(db, iid)
+    assert doc["current_state"] == "abandoned"
+    assert doc["terminal_outcome"]["reason"] == "retry_budget_exceeded"
+    assert doc["attempt_count"] == 3
+    assert _user_rows(db, iid) == 1
+    _assert_no_tool_rerun(db)
+    assert set(db.tool_results(SID)) == {"call_0"}
+    out = _outcome(spec, iid)
+    assert (out["outcome_type"], out["reason"]) == ("abandoned", "retry_budget_exceeded")
+
+
+# ------------------------------------------------------------------------------ case 15
+
+
+def test_conformance_15_ephemeral_input_lost_and_reported(tmp_path: Path) -> None:
+    """An ephemeral prompt waits in the queue behind a run busy in a long tool call; the
+    process is killed when the next durable prompt's acceptance commits (the ephemeral one
+    rode along with that commit, S6). After the restart it is ``abandoned{recovery_failed}``,
+    counted in the recovery report and the ``recovery.completed`` event (``inputs_lost``), and
+    both durable prompts are kept and run."""
+    slow = [dict(FAST[0], duration=30.0), *FAST[1:]]
+    inputs = [InputSpec("prompt"), InputSpec("ephemeral"), InputSpec("prompt")]
+    spec = _spec(tmp_path, inputs, slow)
+    _killed(spec, "accept.committed:2")
+    first = read_db(spec.db)
+    acked = _first_ids(spec)  # p0 and the ephemeral one; p1's kill came before its ack
+    assert len(acked) == 2
+    p0, eph = acked
+    assert first.inputs[eph].current_state == "queued"
+    p1 = next(i for i in first.inputs if i not in (p0, eph))
+    snap = terminal_snapshot(spec.db)
+    spec.sessions[0].script = FAST  # the restarted agent's tool is quick
+    _finished(spec)
+    db = _invariants(spec, [snap])
+    lost = _doc(db, eph)
+    assert lost["current_state"] == "abandoned"
+    assert lost["terminal_outcome"]["reason"] == "recovery_failed"
+    assert db.rows_naming(eph) == []
+    out = _outcome(spec, eph)
+    assert (out["outcome_type"], out["reason"]) == ("abandoned", "recovery_failed")
+    (report,) = read_reports(spec.report)
+    assert report["recovery_reports"][SID]["inputs_lost"] >= 1
+    (event,) = db.recovery_reports(SID)
+    assert event["inputs_lost"] >= 1
+    for durable in (p0, p1):
+        assert db.inputs[durable].current_state == "consumed"
+        assert _user_rows(db, durable) == 1
+        assert _outcome(spec, durable)["outcome_type"] == "completed"
+
+
+# ------------------------------------------------------------------------------ case 16
+
+
+@pytest.mark.parametrize("derived_policy", ["hold", "wake"])
+def test_conformance_16_derived_input_rebuilt_after_crash(
+    tmp_path: Path, derived_policy: str
+) -> None:
+    """A derived projected input (custom policy makes it runnable; ``hold``: it waits in the
+    queue, ``wake``: it starts a run) is killed right after its acceptance committed. The
+    restart rebuilds it through the registered projection rebuilder (S13): the old id ends
+    ``superseded{superseded_by: new}``, the new input has a new id, the same reconstruction
+    source and content; with ``wake`` the new one runs and is consumed once."""
+    spec = _spec(tmp_path, [InputSpec("projected")], derived_policy=derived_policy)
+    _killed(spec, "accept.committed:1")
+    (old,) = read_db(spec.db).inputs
+    snap = terminal_snapshot(spec.db)
+    _finished(spec)
+    db = _invariants(spec, [snap])
+    old_doc = _doc(db, old)
+    assert old_doc["current_state"] == "superseded"
+    new = old_doc["terminal_outcome"]["superseded_by"]
+    assert new != old and new in db.inputs
+    new_doc = _doc(db, new)
+    assert new_doc["durability"] == "derived"
+    assert new_doc["reconstruction_source"] == old_doc["reconstruction_source"]
+    assert new_doc["reconstruction_source"]["source_type"] == "projection"
+    for key in ("rule_id", "source_event_id", "content"):
+        assert new_doc["persisted_input"][key] == old_doc["persisted_input"][key]
+    assert db.rows_naming(old) == []
+    out = _outcome(spec, old)
+    assert (out["outcome_type"], out["superseded_by"]) == ("superseded", new)
+    (event,) = db.recovery_reports(SID)
+    assert event["inputs_rebuilt"] == 1
+    if derived_policy == "wake":
+        assert new_doc["current_state"] == "consumed"
+        assert _user_rows(db, new) == 1
+    else:
+        assert new_doc["current_state"] == "queued"
+
+
+# ------------------------------------------------------------------------------ regressions
+
+
+def test_waiter_of_input_coalesced_before_the_crash_follows_its_aggregate(
+    tmp_path: Path,
+) -> None:
+    """Found by the kit: two progress responses arrive during a run's tool call and are
+    coalesced into an aggregate that joins the run at its checkpoint; the process dies right
+    after that checkpoint committed. After the restart the sources are terminal (coalesced)
+    and not loaded, while the aggregate is pending again; waiting on a source used to answer
+    ``not_found``. It must follow the aggregate (S12)."""
+    slow = [dict(FAST[0], duration=0.5), *FAST[1:]]
+    inputs = [InputSpec("prompt"), InputSpec("progress"), InputSpec("progress")]
+    inputs.append(InputSpec("prompt"))
+    spec = _spec(tmp_path, inputs, slow)
+    _killed(spec, "checkpoint.after:1", "fork")
+    first = read_db(spec.db)
+    coalesced = [i for i, s in first.inputs.items() if s.current_state == "coalesced"]
+    assert len(coalesced) == 2
+    agg = _doc(first, coalesced[0])["terminal_outcome"]["aggregate_id"]
+    assert first.inputs[agg].current_state == "staged"
+    snap = terminal_snapshot(spec.db)
+    spec.sessions[0].script = FAST
+    _finished(spec, launcher="fork")
+    db = _invariants(spec, [snap])
+    assert db.inputs[agg].current_state == "consumed"
+    for source in coalesced:
+        out = _outcome(spec, source)
+        assert out["outcome_type"] == "completed", out
+        assert out["via_aggregate_id"] == agg
+
+
+def test_run_killed_after_consuming_its_inputs_at_the_boundary_is_closed(
+    tmp_path: Path,
+) -> None:
+    """Found by the kit: a system notice (``inject_now``: consumed at its boundary) is killed
+    right after its boundary; nothing is pending afterwards, and recovery used to skip the
+    runtime entirely, leaving the run ``running`` forever, so the notice's waiter could never
+    resolve. Recovery must close the run (failed) and the waiter answer."""
+    spec = _spec(tmp_path, [InputSpec("system")])
+    _killed(spec, "boundary.after:1", "fork")
+    first = read_db(spec.db)
+    (iid,) = first.inputs
+    assert first.inputs[iid].current_state == "consumed"
+    (run,) = first.runs.values()
+    assert run.status == "running"
+    snap = terminal_snapshot(spec.db)
+    _finished(spec, launcher="fork")
+    db = _invariants(spec, [snap])
+    assert db.runs[str(run.run_id)].status == "failed"
+    assert _outcome(spec, iid)["outcome_type"] == "completed_without_result"
+
+
+# ------------------------------------------------------------------------------ the kit
+
+
+KIT_KILLS = int(os.environ.get("MEERKAT_CRASHTEST_KILLS", "90"))
+
+
+@pytest.fixture
+def kit_dir(tmp_path: Path) -> Iterator[Path]:
+    """A RAM disk directory if the machine has one (removed afterwards), else ``tmp_path``."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path
+        return
+    path = Path(tempfile.mkdtemp(prefix="meerkat-crashtest-", dir=shm))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_crashtest_kit_short_run(kit_dir: Path) -> None:
+    """The kit with real SIGKILLs: every crash point at least ``KIT_KILLS // 9`` times plus
+    random instants, zero violations. Failing trials' files are kept: on a RAM disk they are
+    removed with the test, so rerun with ``--basetemp`` or the ``meerkat crashtest`` command
+    (same seed) to inspect them."""
+    started = time.monotonic()
+    report = run_crashtest(KIT_KILLS, seed=20261126, workdir=kit_dir, jobs=3)
+    elapsed = time.monotonic() - started
+    assert report.ok, "\n\n".join(
+        f"trial {v.trial} ({v.crash_at}, kept in {v.directory}): {v.message}"
+        for v in report.violations[:10]
+    )
+    assert set(report.points) == set(KILL_POINTS) == {*CRASH_POINTS, RANDOM}
+    for stats in report.points.values():
+        assert stats.runs >= KIT_KILLS // len(KILL_POINTS)
+        if stats.point != RANDOM:  # a random instant may fall after the child finished
+            assert stats.killed >= 1, stats
+    assert report.sigkills >= KIT_KILLS * 3 // 4
+    print(f"crash kit: {report.trials} trials, {report.sigkills} SIGKILLs in {elapsed:.1f}s")
