@@ -36,6 +36,7 @@ import os
 import platform
 import shutil
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,12 +47,11 @@ from pathlib import Path
 from typing import Any
 
 try:
-    import meerkat_runtime
+    import meerkat_runtime  # noqa: F401
 except ModuleNotFoundError as exc:  # not installed: use the checkout's src/
     if exc.name != "meerkat_runtime":
         raise
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-    import meerkat_runtime
 
 from meerkat_runtime import (
     InputLifecycleState,
@@ -66,6 +66,8 @@ from meerkat_runtime import (
     RuntimeConfig,
     default_policy_table,
 )
+from meerkat_runtime._ids import InputId
+from meerkat_runtime._time import utcnow
 from meerkat_runtime.runtime.inputs import InputDurability
 from meerkat_runtime.runtime.policy import PolicySnapshot
 from meerkat_runtime.store.base import SessionRecord, Txn
@@ -181,7 +183,7 @@ def _batching(rt: Runtime) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- 1. raw disk
 
 
-def raw_commits(path: Path, n: int) -> Result:
+def raw_commits(path: Path, n: int, when: str = "") -> Result:
     """Single-row commits with a plain sqlite3 loop: WAL, synchronous=FULL, one INSERT + COMMIT
     per row (a ~400-byte row, about the size of one accepted input's state)."""
     remove_db(path)
@@ -213,7 +215,8 @@ def raw_commits(path: Path, n: int) -> Result:
         remove_db(path)
     lat.sort()
     return Result(
-        "raw", "raw SQLite commit (1 row, WAL, synchronous=FULL)", n, rate, "commits/s",
+        f"raw_{when}", f"raw SQLite commit (1 row, WAL, synchronous=FULL), {when}", n, rate,
+        "commits/s",
         pct(lat, 0.5), pct(lat, 0.99), cpu_rate,
     )  # fmt: skip
 
@@ -367,10 +370,10 @@ async def populate_store(path: Path, inputs: int, sessions: int) -> dict[str, An
     try:
         policy = no_wake_policy().resolve("prompt", True)
         snap = PolicySnapshot(version=policy.policy_version, decision=policy)
-        now = meerkat_runtime._time.utcnow()
+        now = utcnow()
         futs = []
         for batch in split(prompts(inputs), sessions):
-            sid = str(meerkat_runtime._ids.InputId.new())
+            sid = str(InputId.new())
             await store.save_session(
                 SessionRecord(sid, now, now, {"model": "offline", "custom_executor": True}, {})
             )
@@ -547,7 +550,19 @@ def machine(db_dir: Path) -> dict[str, Any]:
         "platform": platform.platform(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "loadavg_at_start": _loadavg(),
+        "pressure_at_start": _pressure(),
     }
+
+
+def _pressure() -> str:
+    """Linux PSI: the share of the last 60 s in which some task waited for a CPU or for I/O
+    (high values mean other work on the machine skews every figure)."""
+    out = []
+    for res in ("cpu", "io"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            some = Path(f"/proc/pressure/{res}").read_text().splitlines()[0]
+            out.append(f"{res} {float(some.split()[2].split('=')[1]):.0f}%")
+    return ", ".join(out) or "n/a"
 
 
 def _loadavg() -> list[float] | None:
@@ -584,13 +599,20 @@ class Sizes:
 
 
 FULL = Sizes(5_000, 5_000, 20_000, 2_000, 10_000, 100_000, 1_000, 2)
-QUICK = Sizes(1_000, 1_000, 2_000, 200, 1_000, 10_000, 100, 1)
+QUICK = Sizes(500, 500, 2_000, 200, 1_000, 10_000, 100, 1)
 
 
 def aims(res: dict[str, Result]) -> list[tuple[str, str, str, bool | None]]:
     """(aim, target, measured, met) for each of the spec's aims."""
     out: list[tuple[str, str, str, bool | None]] = []
-    raw = res.get("raw")
+    raws = [r for k, r in res.items() if k.startswith("raw_")]
+    raw = None
+    if raws:  # the disk is shared: the aims use the mean of the runs before and after
+        raw = Result(
+            "raw", "raw", sum(r.n for r in raws),
+            statistics.fmean(r.rate or 0 for r in raws), "commits/s",
+            statistics.fmean(r.p50_us or 0 for r in raws),
+        )  # fmt: skip
     a1 = res.get("accept_1")
     a100 = res.get("accept_100")
     r100 = res.get("runs_100")
@@ -659,7 +681,13 @@ def render(info: dict[str, Any], res: dict[str, Result], sz: Sizes, how: str) ->
             f"| {r.name} | {r.n:,} | {fmt_num(r.rate)} {r.unit} | {p50} | {p99} | "
             f"{fmt_num(r.cpu_rate)} | {notes} |"
         )
-    lines += ["", "| aim (spec) | target | measured | met |", "|---|---:|---:|:-:|"]
+    lines += [
+        "",
+        "Aims (the spec's; not tests). Raw = mean of the raw runs before and after.",
+        "",
+        "| aim (spec) | target | measured | met |",
+        "|---|---:|---:|:-:|",
+    ]
     for aim, target, got, met in aims(res):
         lines.append(f"| {aim} | {target} | {got} | {'yes' if met else 'NO'} |")
     return "\n".join(lines)
@@ -826,7 +854,10 @@ def bench(args: argparse.Namespace, sz: Sizes, db_dir: Path) -> int:
     print(f"Python  {info['python']}, SQLite {info['sqlite']}")
     print(f"CPU     {info['cpu']}, {info['cores']} cores, RAM {info['ram_gib']} GiB")
     print(f"Disk    {info['disk']}")
-    print(f"Date    {info['date']}; load {info['loadavg_at_start']} (1/5/15 min) at start")
+    print(
+        f"Date    {info['date']}; load {info['loadavg_at_start']} (1/5/15 min), "
+        f"pressure (some, 60 s) {info['pressure_at_start']} at start"
+    )
     print(f"Mode    {'quick' if args.quick else 'full'}; databases in {db_dir}")
     print()
     only = set(args.only or ("raw", "accept", "runs", "recovery"))
@@ -840,7 +871,7 @@ def bench(args: argparse.Namespace, sz: Sizes, db_dir: Path) -> int:
 
     db = db_dir / "bench.db"
     if "raw" in only:
-        add(raw_commits(db, sz.raw_n))
+        add(raw_commits(db, sz.raw_n, "before"))
     if only & {"accept", "runs"}:  # warm up imports and code paths once, untimed
         asyncio.run(accept_throughput(db, 200, 1, False))
         asyncio.run(run_throughput(db, 50, 1))
@@ -851,16 +882,23 @@ def bench(args: argparse.Namespace, sz: Sizes, db_dir: Path) -> int:
     if "runs" in only:
         add(asyncio.run(run_throughput(db, sz.runs_1_n, 1)))
         add(asyncio.run(run_throughput(db, sz.runs_100_n, 100)))
+    if "raw" in only and only & {"accept", "runs"}:
+        # the disk is shared with whatever else runs: measure it again after the accepts
+        add(raw_commits(db, sz.raw_n, "after"))
     if "recovery" in only:
         add(recovery(db_dir / "recovery.db", sz.rec_inputs, sz.rec_sessions, args.populate,
                      sz.rec_reps))  # fmt: skip
         remove_db(db_dir / "recovery.db")
     info["loadavg_at_end"] = _loadavg()
+    info["pressure_at_end"] = _pressure()
     info["elapsed_s"] = round(time.perf_counter() - started, 1)
     print()
     print(render(info, res, sz, args.populate))
     print()
-    print(f"Load {info['loadavg_at_end']} at end; {info['elapsed_s']} s in all.")
+    print(
+        f"Load {info['loadavg_at_end']}, pressure {info['pressure_at_end']} at end; "
+        f"{info['elapsed_s']} s in all."
+    )
     if args.write:
         Path(args.write).write_text(
             json.dumps(

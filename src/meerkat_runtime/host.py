@@ -176,6 +176,7 @@ class Runtime:
         self._runtimes: dict[str, SessionRuntime] = {}
         self._executors: dict[str, CoreExecutor] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
+        self._ingest_locks: dict[str, asyncio.Lock] = {}
         self._started = False
         self._start_lock: asyncio.Lock | None = None
         self._closed = False
@@ -405,8 +406,14 @@ class Runtime:
             return rt
 
     async def _ingest(self, rt: SessionRuntime) -> None:
-        for entry in await self.store.inbox_entries(rt.runtime_id):
-            await rt.ingest(entry)
+        """Admit the inbox entries other processes wrote (S10), one pass at a time per
+        runtime: two concurrent passes (the maintainer's and a waiter's, say, while the runtime
+        recovers and ``accept`` waits) would both read an entry, and the second admission,
+        refused as a duplicate id, would abandon the input the first one admitted."""
+        lock = self._ingest_locks.setdefault(rt.runtime_id, asyncio.Lock())
+        async with lock:
+            for entry in await self.store.inbox_entries(rt.runtime_id):
+                await rt.ingest(entry)
 
     async def _maintain(self) -> None:
         """Renew leases, ingest inbox entries other processes wrote, drop instances that

@@ -16,6 +16,7 @@ page cache, so the verdicts do not depend on the medium, only the fsync cost doe
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from meerkat_runtime import PromptInput, Runtime
 from meerkat_runtime.crashtest import (
     CRASH_POINTS,
     KILL_POINTS,
@@ -46,6 +48,7 @@ from meerkat_runtime.crashtest import (
     run_crashtest,
     terminal_snapshot,
 )
+from meerkat_runtime.runtime.outcomes import Accepted
 
 SID = "crash-session"
 FAST = [
@@ -412,3 +415,29 @@ def test_crashtest_kit_short_run(kit_dir: Path) -> None:
             assert stats.killed >= 1, stats
     assert report.sigkills >= KIT_KILLS * 3 // 4
     print(f"crash kit: {report.trials} trials, {report.sigkills} SIGKILLs in {elapsed:.1f}s")
+
+
+async def test_concurrent_inbox_passes_during_recovery_admit_an_input_once(
+    tmp_path: Path,
+) -> None:
+    """Found while running the crash suite under load (the two-process takeover test): while a
+    runtime recovers, ``accept`` waits (S7), and two inbox passes (the maintainer's and a
+    waiter's) could both read the same inbox entry; the second admission was refused as a
+    duplicate id and ``ingest`` then replaced the admitted input with an abandoned placeholder,
+    so an acknowledged input ended ``abandoned{failed}``. It must be admitted exactly once."""
+    url = f"sqlite:///{tmp_path / 'inbox.db'}"
+    script = [{"type": "text", "text": "done"}]
+    async with Runtime.open(url, lease_ttl=30.0) as owner, Runtime.open(url) as other:
+        session = await owner.create_session(offline_script=script)
+        rt = owner.runtime(session.id)
+        rt._ready.clear()  # as while recovering: accept waits for the instance to be ready
+        pushed = await other.accept(session.id, PromptInput.new("through the inbox"))
+        assert isinstance(pushed, Accepted)  # into the durable inbox: the owner holds the lease
+        passes = asyncio.gather(owner._ingest(rt), owner._ingest(rt))
+        await asyncio.sleep(0.3)  # the maintainer's pass joins in
+        rt._ready.set()
+        await passes
+        state = await owner.get_input_state(session.id, pushed.input_id)
+        assert state.current_state.value != "abandoned", state.terminal_outcome
+        outcome = await owner.wait(session.id, pushed.input_id, timeout=10)
+        assert outcome.outcome_type == "completed", outcome

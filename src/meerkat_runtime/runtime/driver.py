@@ -269,6 +269,7 @@ class SessionRuntime:
         self._wake = asyncio.Event()
         self._closed_reason: str | None = None
         self._closing = False
+        self._epoch = 0  # bumped by reset and destroy: a respawn waiting across one gives up
         self.failure: BaseException | None = None  # the store error that stopped this instance
 
     # ------------------------------------------------------------------ transactions
@@ -623,6 +624,9 @@ class SessionRuntime:
                 return fut
             out = entry.state.terminal_outcome
             if out is None or out.outcome_type != "coalesced":
+                if self._closed_reason is not None:
+                    fut.set_result(TerminatedWait(input_id=input_id, reason=self._closed_reason))
+                    return fut
                 # consumed early in a run still in flight: answered when that run ends
                 return self.completions.register(input_id)
             # coalesced into a still-pending aggregate: follow it
@@ -761,7 +765,8 @@ class SessionRuntime:
             self._continuation_pending = False
             run = self._new_run(txn, is_continuation=True, now=now)
             run.applied = list(self._pending_consumption)
-            self._set_state(txn, RuntimeState.RUNNING, now)
+            if self.state is RuntimeState.IDLE:  # a retired runtime stays retired (no accepts)
+                self._set_state(txn, RuntimeState.RUNNING, now)
             self._emit_run(
                 txn, "started", now, run_id=run.run_id, is_continuation=True, input_ids=run.applied
             )
@@ -1128,7 +1133,13 @@ class SessionRuntime:
             txn, "failed", now, run_id=run.run_id, error=error, recoverable=not permanent
         )
         retired = self.state is RuntimeState.RETIRED and not self.held
-        # checkpoint joiners not committed go back to the front of the queue
+        # checkpoint joiners not committed go back to the front of the queue (retired:
+        # abandoned, like everything a retired runtime will not run)
+        if retired:
+            for iid in run.pending_join:
+                e = self._entries[iid]
+                if e.state.current_state is IS.STAGED:
+                    self._abandon(txn, e, InputAbandonReason.RETIRED, now, None)
         self._requeue_front(
             txn, run.pending_join, now, "run failed before the checkpoint was committed"
         )
@@ -1644,14 +1655,23 @@ class SessionRuntime:
     async def respawn(self) -> dict[str, int]:
         """A new instance (generation + 1) takes over: waits for the active run to end, keeps
         durable pending inputs, drops ephemeral ones, rebuilds derived ones (S9, S13)."""
-        if self.state.is_terminal:
-            raise InvalidOperationError(
-                f"session {self.runtime_id} is {self.state.value}; it cannot be respawned"
-            )
-        if self.state is not RuntimeState.RETIRED or not self.held:
-            await self.retire(replacement_planned=True)
-        run = self._active
-        if run is not None:
+        epoch = self._epoch
+        while True:
+            if self.state.is_terminal or self._closed_reason is not None:
+                raise InvalidOperationError(
+                    f"session {self.runtime_id} is {self.state.value}; it cannot be respawned"
+                )
+            if self._epoch != epoch:
+                raise InvalidOperationError(
+                    f"session {self.runtime_id} was reset while this respawn waited for its "
+                    "active run; the reset wins (respawn again if it is still wanted)"
+                )
+            if self.state is not RuntimeState.RETIRED or not self.held:
+                await self.retire(replacement_planned=True)
+                continue
+            run = self._active
+            if run is None:
+                break
             await run.done.wait()
         now = utcnow()
         txn = self._txn(durable=True)
@@ -1768,6 +1788,7 @@ class SessionRuntime:
             raise InvalidOperationError(
                 f"session {self.runtime_id} is {self.state.value}; it cannot be reset"
             )
+        self._epoch += 1
         run = self._fence_active("runtime reset")
         now = utcnow()
         txn = self._txn(durable=True)
@@ -1792,6 +1813,7 @@ class SessionRuntime:
     async def destroy(self) -> dict[str, int]:
         if self.state is RuntimeState.DESTROYED:
             return {"inputs_abandoned": 0}
+        self._epoch += 1
         run = self._fence_active("runtime destroyed")
         now = utcnow()
         txn = self._txn(durable=True)
@@ -1827,8 +1849,13 @@ class SessionRuntime:
             self.state = RuntimeState.STOPPED
             self._emit(txn, "runtime_state_change", {"from": src.value, "to": "stopped"}, now)
         if run is not None:
+            run.record.status = "cancelled"
+            txn.runs.append(run.record)
+            self._resolve_early(txn, run)
             self._emit_run(txn, "cancelled", now, run_id=run.run_id, reason=reason)
         self._submit(txn)
+        for iid in run.consumed_early if run is not None else ():
+            self._resolve_waiters(iid)  # answered now, whatever the store does with the txn
         self.completions.terminate_all(reason)
         self._wake.set()
 
