@@ -164,6 +164,45 @@ class Clock:
         return n / wall, (n / cpu if cpu > 0 else float("nan")), wall
 
 
+class GcTimer:
+    """Time spent in the cyclic garbage collector (all threads) while active, via
+    ``gc.callbacks``: collections pause whichever thread triggered them."""
+
+    disable = False  # --no-gc: the collector is off inside timed sections instead
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.full = 0  # generation-2 collections
+        self.full_seconds = 0.0
+        self._t0 = 0.0
+
+    def _cb(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+            return
+        took = time.perf_counter() - self._t0
+        self.seconds += took
+        if info.get("generation") == 2:
+            self.full += 1
+            self.full_seconds += took
+
+    def __enter__(self) -> GcTimer:
+        gc.callbacks.append(self._cb)
+        if self.disable:
+            gc.disable()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.enable()
+        gc.callbacks.remove(self._cb)
+
+    def share(self, wall: float) -> str:
+        return (
+            f"{100 * self.seconds / wall:.0f}% of wall, {self.seconds:.2f} s "
+            f"({self.full} full: {self.full_seconds:.2f} s)"
+        )
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise SystemExit(f"benchmark invalid: {msg}")
@@ -253,9 +292,10 @@ async def accept_throughput(path: Path, n: int, producers: int, shared: bool) ->
         gc.collect()
         th0 = _thread_cpu(rt)
         c = Clock()
-        counts = await asyncio.gather(
-            *(produce(ids[0 if shared else k], b) for k, b in enumerate(batches))
-        )
+        with GcTimer() as gct:
+            counts = await asyncio.gather(
+                *(produce(ids[0 if shared else k], b) for k, b in enumerate(batches))
+            )
         rate, cpu_rate, wall = c.rates(n)
         busy = _busy(th0, _thread_cpu(rt), wall)
         _check(sum(counts) == n, f"only {sum(counts)} of {n} inputs were accepted")
@@ -273,7 +313,7 @@ async def accept_throughput(path: Path, n: int, producers: int, shared: bool) ->
     return Result(
         key, name, n, rate, "accepts/s", pct(lat, 0.5), pct(lat, 0.99), cpu_rate,
         {"txns_per_commit": round(txns / commits, 2) if commits else None,
-         "thread_busy": busy},
+         "thread_busy": busy, "gc": gct.share(wall)},
     )  # fmt: skip
 
 
@@ -300,7 +340,10 @@ async def run_throughput(path: Path, n: int, sessions: int) -> Result:
         gc.collect()
         th0 = _thread_cpu(rt)
         c = Clock()
-        counts = await asyncio.gather(*(produce(s, b) for s, b in zip(ids, batches, strict=True)))
+        with GcTimer() as gct:
+            counts = await asyncio.gather(
+                *(produce(s, b) for s, b in zip(ids, batches, strict=True))
+            )
         rate, cpu_rate, wall = c.rates(n)
         busy = _busy(th0, _thread_cpu(rt), wall)
         _check(sum(counts) == n, f"only {sum(counts)} of {n} runs completed")
@@ -313,7 +356,7 @@ async def run_throughput(path: Path, n: int, sessions: int) -> Result:
         f"runs_{sessions}", f"durable no-op runs, {label} (backlog)", n, rate, "runs/s",
         None, None, cpu_rate,
         {"txns_per_commit": round(txns / commits, 2) if commits else None,
-         "txns_per_run": round(txns / n, 2), "thread_busy": busy},
+         "txns_per_run": round(txns / n, 2), "thread_busy": busy, "gc": gct.share(wall)},
     )  # fmt: skip
 
 
@@ -425,7 +468,8 @@ async def recover_child(path: Path, profile: str | None) -> dict[str, Any]:
         cpu_before = _thread_cpu(rt)
         t0 = time.perf_counter()
         cpu0 = time.process_time()
-        await rt.start()
+        with GcTimer() as gct:
+            await rt.start()
         start_s = time.perf_counter() - t0
         cpu_s = time.process_time() - cpu0
         cpu_after = _thread_cpu(rt)
@@ -441,6 +485,7 @@ async def recover_child(path: Path, profile: str | None) -> dict[str, Any]:
         "lost": sum(r["inputs_lost"] for r in reports.values()),
         "close_s": close_s,
         "thread_cpu_s": {k: round(cpu_after[k] - cpu_before[k], 3) for k in cpu_after},
+        "gc_s": round(gct.seconds, 2),
     }
     if tp is not None and profile:
         tp.dump(profile)
@@ -467,6 +512,8 @@ def _thread_cpu(rt: Runtime) -> dict[str, float]:
 
 def run_recovery_child(path: Path, profile: str | None = None) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--recover-child", str(path)]
+    if GcTimer.disable:
+        cmd.append("--no-gc")
     if profile:
         cmd += ["--child-profile", profile]
     t0 = time.perf_counter()
@@ -509,6 +556,7 @@ def recovery(path: Path, inputs: int, sessions: int, how: str, reps: int) -> Res
             "start_s_all": [round(r["start_s"], 3) for r in runs],
             "cpu_s": round(best["cpu_s"], 2),
             "thread_cpu_s": best["thread_cpu_s"],
+            "gc_s": best["gc_s"],
             "close_s": round(best["close_s"], 2),
             "quick_check_s": round(qc, 3),
             "db_mb": round(size_mb, 1),
@@ -551,6 +599,7 @@ def machine(db_dir: Path) -> dict[str, Any]:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "loadavg_at_start": _loadavg(),
         "pressure_at_start": _pressure(),
+        "no_gc": GcTimer.disable,
     }
 
 
@@ -602,9 +651,13 @@ FULL = Sizes(5_000, 5_000, 20_000, 2_000, 10_000, 100_000, 1_000, 2)
 QUICK = Sizes(500, 500, 2_000, 200, 1_000, 10_000, 100, 1)
 
 
-def aims(res: dict[str, Result]) -> list[tuple[str, str, str, bool | None]]:
-    """(aim, target, measured, met) for each of the spec's aims."""
-    out: list[tuple[str, str, str, bool | None]] = []
+Aim = tuple[str, str, str, float]  # (aim, target, measured, factor still to go)
+
+
+def aims(res: dict[str, Result]) -> list[Aim]:
+    """The spec's aims next to the figures. ``factor`` is how many times better the figure
+    must get to meet its aim (<= 1: met); the largest is the worst miss."""
+    out: list[Aim] = []
     raws = [r for k, r in res.items() if k.startswith("raw_")]
     raw = None
     if raws:  # the disk is shared: the aims use the mean of the runs before and after
@@ -618,37 +671,36 @@ def aims(res: dict[str, Result]) -> list[tuple[str, str, str, bool | None]]:
     r100 = res.get("runs_100")
     rec = res.get("recovery")
     if raw and a1 and raw.p50_us and a1.p50_us:
-        ratio = a1.p50_us / raw.p50_us
+        target = 2 * raw.p50_us
         out.append((
             "accept-to-ack p50 within 2x of one raw commit (1 producer)",
-            f"<= {2 * raw.p50_us:,.0f} us",
-            f"{a1.p50_us:,.0f} us ({ratio:.1f}x)",
-            ratio <= 2,
+            f"<= {target:,.0f} us",
+            f"{a1.p50_us:,.0f} us ({a1.p50_us / raw.p50_us:.1f}x raw)",
+            a1.p50_us / target,
         ))  # fmt: skip
     if raw and a100 and raw.rate and a100.rate:
-        ratio = a100.rate / raw.rate
+        target = 3 * raw.rate
         out.append((
             "durable accepts, 100 producers >= 3x raw commits/s (group commit)",
-            f">= {3 * raw.rate:,.0f} /s",
-            f"{a100.rate:,.0f} /s ({ratio:.2f}x)",
-            ratio >= 3,
+            f">= {target:,.0f} /s",
+            f"{a100.rate:,.0f} /s ({a100.rate / raw.rate:.2f}x raw)",
+            target / a100.rate,
         ))  # fmt: skip
     if r100 and r100.rate:
         out.append((
             "durable no-op runs across 100 sessions",
             ">= 3,000 /s",
-            f"{r100.rate:,.0f} /s ({r100.rate / 3000:.2f}x)",
-            r100.rate >= 3000,
+            f"{r100.rate:,.0f} /s",
+            3000 / r100.rate,
         ))  # fmt: skip
     if rec and rec.rate is not None:
-        scale = 100_000 / rec.n
-        target = 5.0 / scale
-        note = "" if scale == 1 else f" (scaled aim for {rec.n:,})"
+        target = 5.0 * rec.n / 100_000
+        note = "" if rec.n == 100_000 else f" (aim scaled to {rec.n:,})"
         out.append((
             "recovery of 100,000 pending inputs < 5 s",
             f"< {target:.1f} s{note}",
-            f"{rec.rate:.2f} s ({rec.rate / target:.1f}x the budget)",
-            rec.rate < target,
+            f"{rec.rate:.2f} s",
+            rec.rate / target,
         ))  # fmt: skip
     return out
 
@@ -668,7 +720,8 @@ def render(info: dict[str, Any], res: dict[str, Result], sz: Sizes, how: str) ->
             notes = (
                 f"{e['sessions_recovered']:,} sessions / {e['inputs_recovered']:,} inputs "
                 f"recovered; runs {e['start_s_all']} s; CPU {e['cpu_s']} s "
-                f"({', '.join(f'{k} {v}' for k, v in e['thread_cpu_s'].items())}); "
+                f"({', '.join(f'{k} {v}' for k, v in e['thread_cpu_s'].items())}), "
+                f"GC {e['gc_s']} s; "
                 f"quick_check {e['quick_check_s']} s; db {e['db_mb']} MB; "
                 f"populated via {e['populate']['how']} in {e['populate']['seconds']} s"
             )
@@ -683,13 +736,15 @@ def render(info: dict[str, Any], res: dict[str, Result], sz: Sizes, how: str) ->
         )
     lines += [
         "",
-        "Aims (the spec's; not tests). Raw = mean of the raw runs before and after.",
+        "Aims (the spec's; not tests). Raw = mean of the raw runs before and after; "
+        "'to go' = how many times better the figure must get (<= 1: met).",
         "",
-        "| aim (spec) | target | measured | met |",
-        "|---|---:|---:|:-:|",
+        "| aim (spec) | target | measured | to go | met |",
+        "|---|---:|---:|---:|:-:|",
     ]
-    for aim, target, got, met in aims(res):
-        lines.append(f"| {aim} | {target} | {got} | {'yes' if met else 'NO'} |")
+    for aim, target, got, factor in aims(res):
+        met = "yes" if factor <= 1 else "NO"
+        lines.append(f"| {aim} | {target} | {got} | {factor:.1f}x | {met} |")
     return "\n".join(lines)
 
 
@@ -825,6 +880,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=("accept1", "accept100", "runs1", "runs100", "recovery"),
         help="instead of benchmarking, cProfile one measurement and print the top functions",
     )
+    ap.add_argument(
+        "--no-gc",
+        action="store_true",
+        help="disable the cyclic GC inside timed sections (shows the collector's share)",
+    )
     ap.add_argument("--top", type=int, default=25, help="functions shown per profile table")
     ap.add_argument("--write", metavar="PATH", help="also write the results as JSON to PATH")
     ap.add_argument("--recover-child", type=Path, help=argparse.SUPPRESS)
@@ -832,11 +892,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.recover_child is not None:
+        GcTimer.disable = args.no_gc
         res = asyncio.run(recover_child(args.recover_child, args.child_profile))
         print(json.dumps(res))
         return 0
 
     sz = QUICK if args.quick else FULL
+    GcTimer.disable = args.no_gc
     own_dir = args.db_dir is None
     db_dir: Path = default_db_dir() if own_dir else args.db_dir
     db_dir.mkdir(parents=True, exist_ok=True)
@@ -858,7 +920,10 @@ def bench(args: argparse.Namespace, sz: Sizes, db_dir: Path) -> int:
         f"Date    {info['date']}; load {info['loadavg_at_start']} (1/5/15 min), "
         f"pressure (some, 60 s) {info['pressure_at_start']} at start"
     )
-    print(f"Mode    {'quick' if args.quick else 'full'}; databases in {db_dir}")
+    print(
+        f"Mode    {'quick' if args.quick else 'full'}"
+        f"{'; cyclic GC off in timed sections' if args.no_gc else ''}; databases in {db_dir}"
+    )
     print()
     only = set(args.only or ("raw", "accept", "runs", "recovery"))
     started = time.perf_counter()

@@ -49,6 +49,18 @@ _counter = 0
 _rand = random.Random(int.from_bytes(os.urandom(16), "big"))
 
 
+def _reseed_after_fork() -> None:
+    """A forked child must not mint the ids its parent mints in the same millisecond."""
+    global _last_ms, _counter
+    _rand.seed(int.from_bytes(os.urandom(16), "big"))
+    _last_ms = 0
+    _counter = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reseed_after_fork)
+
+
 def new_uuid7() -> str:
     """A fresh UUIDv7 in hyphenated form, monotonic within this process."""
     global _last_ms, _counter

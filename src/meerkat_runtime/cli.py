@@ -161,6 +161,137 @@ def version() -> None:
     _out.print(f"meerkat-runtime {__version__}")
 
 
+@app.command()
+def crashtest(
+    kills: Annotated[
+        int, typer.Option(min=1, help="Trials to run; each kills a child process with SIGKILL.")
+    ] = 50,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the trial plans (default: random, printed).")
+    ] = None,
+    workdir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Directory for the trials' databases and logs (default: a new temporary "
+            "directory). Failing trials are kept there. A RAM disk (/dev/shm/...) is faster "
+            "and finds the same: a SIGKILL never loses the page cache."
+        ),
+    ] = None,
+    point: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--point",
+            help="Kill point to test, repeatable (default: all): accept.committed, "
+            "boundary.before, boundary.after, checkpoint.before, checkpoint.after, "
+            "completion.before, completion.after, recovery.after, random.",
+        ),
+    ] = None,
+    jobs: Annotated[
+        int | None, typer.Option(min=1, help="Trials run at once (default: CPUs, at most 4).")
+    ] = None,
+    spawn: Annotated[
+        bool,
+        typer.Option(
+            "--spawn",
+            help="Start each child as a fresh interpreter instead of forking it from a "
+            "preloaded zygote (slower, same checks).",
+        ),
+    ] = False,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep passing trials' files too.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Crash-test the runtime with real processes: kill a child with SIGKILL at each crash
+    point (and at random instants), restart it, and check in the database that no
+    acknowledged durable input was lost, nothing was applied twice, every waiter resolved and
+    no terminal state changed. Exit code 0 when no trial found a violation, 1 otherwise."""
+    import secrets
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+    from rich.table import Table
+
+    from .crashtest import KILL_POINTS, TrialResult, run_crashtest
+
+    unknown = [p for p in point or [] if p not in KILL_POINTS]
+    if unknown:
+        raise _fail(
+            f"unknown kill point(s) {', '.join(unknown)}; choose from {', '.join(KILL_POINTS)}",
+            EXIT_USAGE,
+        )
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+    progress = Progress(
+        TextColumn("[bold]crashtest[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=_err,
+    )
+    task = progress.add_task("trials", total=kills, status="")
+    failing = 0
+
+    def on_trial(done: int, total: int, trial: TrialResult) -> None:
+        nonlocal failing
+        failing += bool(trial.violations)
+        status = f"[red]{failing} failing[/]" if failing else f"{trial.point}"
+        progress.update(task, completed=done, status=status)
+
+    try:
+        with progress:
+            report = run_crashtest(
+                kills,
+                seed,
+                workdir,
+                point,
+                on_trial,
+                jobs=jobs,
+                launcher="spawn" if spawn else "fork",
+                keep=keep,
+            )
+    except KeyboardInterrupt:
+        raise _fail("interrupted", 130) from None
+    if as_json:
+        _out.print_json(data=report.to_json_dict())
+        raise typer.Exit(EXIT_OK if report.ok else EXIT_RUN_FAILED)
+    table = Table(
+        title="meerkat crashtest",
+        caption=f"seed {report.seed} · {report.sigkills} SIGKILLs in all · "
+        f"{report.elapsed:.0f} s · {'zygote' if report.launcher == 'fork' else 'spawn'}",
+    )
+    table.add_column("kill point")
+    for name in ("runs", "killed", "violations"):
+        table.add_column(name, justify="right")
+    for stats in report.points.values():
+        bad = f"[red]{stats.violations}[/]" if stats.violations else "0"
+        table.add_row(stats.point, str(stats.runs), str(stats.killed), bad)
+    total_bad = sum(p.violations for p in report.points.values())
+    table.add_row(
+        "[bold]total[/]",
+        str(report.trials),
+        str(report.killed),
+        f"[red]{total_bad}[/]" if total_bad else "0",
+        end_section=True,
+    )
+    _out.print(table)
+    for v in report.violations[:20]:
+        _out.print(
+            f"[red]trial {v.trial}[/] ({v.crash_at}; files in {v.directory}): {v.message}",
+            highlight=False,
+            markup=False,
+        )
+    if len(report.violations) > 20:
+        _out.print(f"... and {len(report.violations) - 20} more violations")
+    if report.ok:
+        _out.print("[green]no violations[/]")
+    raise typer.Exit(EXIT_OK if report.ok else EXIT_RUN_FAILED)
+
+
 def main() -> None:
     app()
 

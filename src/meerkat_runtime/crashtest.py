@@ -5,8 +5,9 @@ back from the database (spec §5, conformance cases 11-16).
 holding the JSON) runs a small, deterministic workload against a SQLite runtime:
 
 1. opens the runtime at the spec's database (recovering whatever a killed predecessor left,
-   S7) with the spec's policy (prompts by default; projected inputs wake or are held), a
-   projection rebuilder (S13) and a small ``RuntimeConfig`` (fast backoff, short grace);
+   S7) with the default policy table plus a row that makes projected inputs runnable (they
+   wake the runtime or are held), a projection rebuilder (S13) and a small ``RuntimeConfig``
+   (fast backoff, short grace);
 2. creates the spec's sessions if missing (fixed ids; each with its offline script, so runs
    pass boundaries, checkpoints and completions);
 3. accepts the spec's inputs in a fixed order, each with the idempotency key
@@ -42,10 +43,16 @@ finishes, and checks, from the database and the child's files:
     (an absent ephemeral input answers ``not_found``);
 (d) no terminal state changed between a snapshot taken after a kill and the end.
 
+The workload (``_workload``): two sessions, each with two or three durable prompts and, at
+random, an ephemeral prompt, a derived projected input, a peer message, progress responses
+and a system notice; each session's script makes every run call a tool (a checkpoint) before
+answering, and now and then fails transiently before or after the boundary (S4, S5).
+
 ``recovery.after`` is only passed by a recovery that had something to reconcile, so its trials
 first kill the child at another point (a *setup* kill), then arm ``recovery.after`` for the
-restart. Trials whose owner id changes between processes (``takeover``) also exercise lease
-expiry and the durable inbox (S10).
+restart. One trial in five also kills the recovering process at a random instant before the
+final restart. Trials whose owner id changes between processes (``takeover``) exercise lease
+expiry and the durable inbox too (S10).
 
 Children are started either as fresh interpreters (``launcher="spawn"``: exactly
 ``python -m meerkat_runtime.crashtest child ...``) or, about fifty times faster, forked by a
@@ -1162,13 +1169,19 @@ def _workload(rng: random.Random, directory: Path, takeover: bool) -> ChildSpec:
 
 
 def _bound(point: str, spec: ChildSpec) -> int:
-    """How many times a clean run of ``spec`` passes ``point`` (about)."""
-    inputs = [i for s in spec.sessions for i in s.inputs]
+    """About how many times a clean run of ``spec`` passes ``point``: once per durable
+    acceptance; per run for boundaries and completions (progress responses and peer messages
+    may ride along with another input's run); per model-driven run for checkpoints (a system
+    notice's immediate run has none); once per session for a recovery."""
+    kinds = Counter(i.type for s in spec.sessions for i in s.inputs)
     if point == "accept.committed":
-        return max(1, sum(1 for i in inputs if i.type != "ephemeral"))
+        return max(1, kinds.total() - kinds["ephemeral"])
     if point == "recovery.after":
         return len(spec.sessions)
-    return max(1, len(inputs))
+    runs = kinds["prompt"] + kinds["ephemeral"] + kinds["projected"]
+    if point.startswith("checkpoint."):
+        return max(1, runs)
+    return max(1, runs + kinds["system"])
 
 
 @dataclass(slots=True)
@@ -1319,9 +1332,11 @@ def _trial(
     acks = read_acks(spec.ack_log)
     db = read_db(spec.db)
     violations.extend(check_invariants(db, acks, read_outcomes(spec.outcomes), snapshots))
-    lost = [a for a in acks if a.durability == "ephemeral" and db.inputs.get(a.input_id) is None]
-    if lost:
-        notes.append(f"{len(lost)} ephemeral input(s) lost before any commit")
+    for a in {a.input_id: a for a in acks}.values():
+        if a.durability == "ephemeral" and db.inputs.get(a.input_id) is None:
+            notes.append("ephemeral input lost before any commit")
+    for report in read_reports(spec.report):
+        notes.extend(f"accept rejected ({r.get('code')})" for r in report.get("rejected", []))
     return TrialResult(
         index=plan.index,
         point=plan.point,
@@ -1349,6 +1364,11 @@ class PointStats:
 
 @dataclass(slots=True)
 class CrashtestReport:
+    """The outcome of ``run_crashtest``: per-point statistics, every violation (with the
+    directory where its trial's files were kept), the SIGKILLs delivered in all (setup and
+    chained kills included) and notes on what happened that is not a violation (takeovers,
+    points not reached, ephemeral inputs lost before any commit, rejected accepts)."""
+
     seed: int
     trials: int
     sigkills: int
@@ -1357,7 +1377,7 @@ class CrashtestReport:
     launcher: str
     points: dict[str, PointStats]
     violations: list[Violation]
-    notes: Counter[str] = field(default_factory=Counter)
+    notes: Counter[str] = field(default_factory=Counter)  # what happened, not violations
 
     @property
     def ok(self) -> bool:

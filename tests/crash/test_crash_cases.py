@@ -7,8 +7,9 @@ unarmed so it recovers (S7) and finishes; then checks the case's own assertions 
 invariants (``check_invariants``): no acknowledged durable input lost, nothing applied twice,
 every waiter resolved, no terminal state changed after the crash.
 
-The regression tests at the end (bugs the kit found) run their children forked by the kit's
-zygote, which is much faster to start; so does ``test_crashtest_kit_short_run``, the kit itself
+After the cases: regression tests for bugs the kit found, a test that the kit's checker flags
+each kind of violation, and the kit itself. These run their children forked by the kit's
+zygote, which is much faster to start; ``test_crashtest_kit_short_run`` runs the kit itself
 (every crash point several times plus random instants; ``MEERKAT_CRASHTEST_KILLS`` sets the
 number of trials). The kit works on a RAM disk when there is one: a SIGKILL never loses the
 page cache, so the verdicts do not depend on the medium, only the fsync cost does.
@@ -127,26 +128,30 @@ def _assert_no_tool_rerun(db: DbView) -> None:
 
 
 def test_conformance_11_crash_while_queued(tmp_path: Path) -> None:
-    """Killed right after the input's acceptance committed (durable, queued, never run, and
-    never acknowledged to the client): the restart finds it, runs it once, and the client's
-    retry with the same idempotency key is answered ``deduplicated`` and resolves
-    ``completed``."""
-    spec = _spec(tmp_path, [InputSpec("prompt")])
-    _killed(spec, "accept.committed:1")
-    assert read_acks(spec.ack_log) == []  # the kill came before accept returned
+    """A second prompt arrives while the first one's run is busy in a tool call, so it is
+    queued; the process is killed right after its acceptance committed (durable, but the
+    client never got the acknowledgement). The restart finds it queued, runs it exactly once,
+    and the client's retry with the same idempotency key is answered ``deduplicated`` and its
+    waiter resolves ``completed``."""
+    slow = [dict(FAST[0], duration=0.5), *FAST[1:]]
+    spec = _spec(tmp_path, [InputSpec("prompt"), InputSpec("prompt")], slow)
+    _killed(spec, "accept.committed:2")
+    (first_ack,) = read_acks(spec.ack_log)  # the kill came before the 2nd accept returned
     queued = read_db(spec.db)
-    (iid,) = queued.inputs
-    assert queued.inputs[iid].current_state in ("queued", "staged")
+    (iid,) = [i for i in queued.inputs if i != first_ack.input_id]
+    assert queued.inputs[iid].current_state == "queued"
     snap = terminal_snapshot(spec.db)
+    spec.sessions[0].script = FAST
     _finished(spec)
     db = _invariants(spec, [snap])
-    (ack,) = read_acks(spec.ack_log)
-    assert (ack.input_id, ack.ack) == (iid, "deduplicated")
-    assert db.inputs[iid].current_state == "consumed"
-    assert _user_rows(db, iid) == 1
+    retry = [a for a in read_acks(spec.ack_log) if a.index == 1]
+    assert [(a.input_id, a.ack) for a in retry] == [(iid, "deduplicated")]
+    for done in (first_ack.input_id, iid):
+        assert db.inputs[done].current_state == "consumed"
+        assert _user_rows(db, done) == 1
     out = _outcome(spec, iid)
     assert out["outcome_type"] == "completed"
-    assert out["result"]["text"] == "the answer is 42"
+    assert out["result"]["text"] == "the answer is 43"
 
 
 # ------------------------------------------------------------------------------ case 12
@@ -379,7 +384,7 @@ def test_run_killed_after_consuming_its_inputs_at_the_boundary_is_closed(
 # ------------------------------------------------------------------------------ the kit
 
 
-KIT_KILLS = int(os.environ.get("MEERKAT_CRASHTEST_KILLS", "90"))
+KIT_KILLS = int(os.environ.get("MEERKAT_CRASHTEST_KILLS", "144"))
 
 
 @pytest.fixture
@@ -441,3 +446,47 @@ async def test_concurrent_inbox_passes_during_recovery_admit_an_input_once(
         assert state.current_state.value != "abandoned", state.terminal_outcome
         outcome = await owner.wait(session.id, pushed.input_id, timeout=10)
         assert outcome.outcome_type == "completed", outcome
+
+
+def test_check_invariants_flags_each_kind_of_violation(tmp_path: Path) -> None:
+    """The kit's checker is not vacuous: starting from a clean run's database (no violation),
+    each tampering with the evidence is reported under its invariant."""
+    inputs = [InputSpec("prompt"), InputSpec("ephemeral"), InputSpec("prompt")]
+    spec = _spec(tmp_path, inputs)
+    _finished(spec, launcher="fork")
+    acks = read_acks(spec.ack_log)
+    outcomes = read_outcomes(spec.outcomes)
+    assert outcomes is not None
+    clean = read_db(spec.db)
+    snap = clean.terminal_states()
+    assert check_invariants(clean, acks, outcomes, [snap]) == []
+    p0 = acks[0].input_id
+
+    def flagged(db: DbView, outs: dict[str, Any] | None = outcomes) -> list[str]:
+        return [v[:3] for v in check_invariants(db, acks, outs, [snap])]
+
+    lost = read_db(spec.db)
+    del lost.inputs[p0]
+    assert "(a)" in flagged(lost)
+    pending = read_db(spec.db)
+    pending.inputs[p0].is_terminal = False
+    pending.inputs[p0].current_state = "queued"
+    assert "(a)" in flagged(pending)
+    twice = read_db(spec.db)
+    twice.rows.append(twice.rows_naming(p0)[0])
+    assert "(b)" in flagged(twice)
+    rerun = read_db(spec.db)
+    rerun.rows.extend(r for r in list(rerun.rows) if r.message.get("role") == "tool")
+    assert "(b)" in flagged(rerun)
+    forged = read_db(spec.db)
+    forged.rows[1].message["content"] = "rewritten"
+    assert "(b)" in flagged(forged)
+    assert "(c)" in flagged(clean, {k: v for k, v in outcomes.items() if k != p0})
+    assert "(c)" in flagged(clean, {**outcomes, p0: {"outcome_type": "terminated"}})
+    assert "(c)" in flagged(clean, {**outcomes, p0: {"outcome_type": "cancelled"}})
+    assert "(c)" in flagged(clean, None)
+    changed = read_db(spec.db)
+    changed.inputs[p0].state_json = changed.inputs[p0].state_json.replace(
+        '"attempt_count":0', '"attempt_count":1'
+    )
+    assert flagged(changed) == ["(d)"]

@@ -1312,6 +1312,10 @@ class SessionRuntime:
             return
         outcome, _ = await self.accept(input, reconstruction_source=source, from_inbox=entry.seq)
         if isinstance(outcome, Rejected):
+            final = self.state in (RuntimeState.RETIRED, RuntimeState.DESTROYED) and not self.held
+            if input.id in self._entries or (outcome.code is RejectCode.NOT_READY and not final):
+                return  # admitted meanwhile, or not ready yet: the entry waits for a later pass
+        if isinstance(outcome, Rejected):
             now = utcnow()
             txn = self._txn(durable=True)
             txn.inbox_done.append(entry.seq)
