@@ -86,11 +86,9 @@ POLICY = default_policy_table()
 # (behind a documented flag), and drop both when the fix lands (the xfail then XPASSes,
 # which fails the suite).
 
-#: BUG-6 (open): after ``close()``, a wait on an input coalesced into a still-pending
-#: aggregate never resolves (``register_waiter`` parks it on the aggregate although the
-#: instance has stopped; S12: none hangs). See ``test_bug6_wait_after_close_on_coalesced``.
-#: Tolerated: the teardown's post-close waits skip those inputs.
-TOLERATE_BUG6_WAIT_AFTER_CLOSE_ON_COALESCED = True
+#: BUG-6 (fixed): after ``close()``, a wait on an input coalesced into a still-pending
+#: aggregate never resolved. See ``test_bug6_wait_after_close_on_coalesced``.
+TOLERATE_BUG6_WAIT_AFTER_CLOSE_ON_COALESCED = False
 
 # --- inputs -------------------------------------------------------------------------------
 
@@ -1322,8 +1320,8 @@ def test_runtime_state_machine() -> None:
     run_state_machine_as_test(
         RuntimeMachine,
         settings=settings(
-            max_examples=60,
-            stateful_step_count=30,
+            max_examples=100,
+            stateful_step_count=40,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         ),
@@ -1497,10 +1495,6 @@ async def test_regression_bug5_reset_during_respawn_wins() -> None:
     assert state is RuntimeState.RUNNING, state
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG-6: after close(), a wait on an input coalesced into a pending aggregate hangs",
-)
 async def test_bug6_wait_after_close_on_coalesced() -> None:
     from tests.helpers import ScriptedExecutor
 

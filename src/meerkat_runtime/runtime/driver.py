@@ -631,6 +631,13 @@ class SessionRuntime:
                 return self.completions.register(input_id)
             # coalesced into a still-pending aggregate: follow it
             agg = out.aggregate_id
+            if self._closed_reason is not None:
+                fut.set_result(
+                    TerminatedWait(
+                        input_id=input_id, via_aggregate_id=agg, reason=self._closed_reason
+                    )
+                )
+                return fut
             return self.completions.register(agg, functools.partial(_via, agg, input_id))
         if self._closed_reason is not None:
             fut = asyncio.get_running_loop().create_future()
