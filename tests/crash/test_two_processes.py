@@ -163,3 +163,40 @@ async def test_s10_stale_owner_cannot_write(tmp_path: Path, ttl: float) -> None:
             await asyncio.sleep(0.05)
             assert rt_a.failure is not None
             assert rt_a.state.value == "stopped"
+
+
+def test_s10_cli_goes_through_the_inbox_while_another_process_owns_the_session(
+    tmp_path: Path,
+) -> None:
+    """`meerkat run --session` against a session a running process owns: the CLI accepts
+    into the inbox, the owner runs the turn, and the CLI prints the owner's answer."""
+    db = tmp_path / "cli.db"
+    sid = "cli-session"
+    owner = _spawn_owner(db, sid, delay=0.0)
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "meerkat_runtime.cli",
+                "run",
+                "--session",
+                sid,
+                "--store",
+                f"sqlite:///{db}",
+                "--json",
+                "--timeout",
+                "30",
+                "from the cli",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        owner.kill()
+        owner.wait()
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["outcome_type"] == "completed"
+    assert doc["result"]["text"] == "answer 0"  # scripted by the owner: it ran the turn
