@@ -192,8 +192,8 @@ class GcTimer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._cb)  # first: re-enabling may collect at once (not timed)
         gc.enable()
-        gc.callbacks.remove(self._cb)
 
     def share(self, wall: float) -> str:
         return (
@@ -295,8 +295,8 @@ async def accept_throughput(path: Path, n: int, producers: int, shared: bool) ->
             counts = await asyncio.gather(
                 *(produce(ids[0 if shared else k], b) for k, b in enumerate(batches))
             )
-        rate, cpu_rate, wall = c.rates(n)
-        busy = _busy(th0, _thread_cpu(rt), wall)
+            rate, cpu_rate, wall = c.rates(n)
+            busy = _busy(th0, _thread_cpu(rt), wall)
         _check(sum(counts) == n, f"only {sum(counts)} of {n} inputs were accepted")
         commits, txns = store.commits - c0, store.transactions - t0
     finally:
@@ -343,8 +343,8 @@ async def run_throughput(path: Path, n: int, sessions: int) -> Result:
             counts = await asyncio.gather(
                 *(produce(s, b) for s, b in zip(ids, batches, strict=True))
             )
-        rate, cpu_rate, wall = c.rates(n)
-        busy = _busy(th0, _thread_cpu(rt), wall)
+            rate, cpu_rate, wall = c.rates(n)
+            busy = _busy(th0, _thread_cpu(rt), wall)
         _check(sum(counts) == n, f"only {sum(counts)} of {n} runs completed")
         commits, txns = store.commits - c0, store.transactions - t0
     finally:
@@ -469,9 +469,9 @@ async def recover_child(path: Path, profile: str | None) -> dict[str, Any]:
         cpu0 = time.process_time()
         with GcTimer() as gct:
             await rt.start()
-        start_s = time.perf_counter() - t0
-        cpu_s = time.process_time() - cpu0
-        cpu_after = _thread_cpu(rt)
+            start_s = time.perf_counter() - t0
+            cpu_s = time.process_time() - cpu0
+            cpu_after = _thread_cpu(rt)
         reports = rt.recovery_reports
         t1 = time.perf_counter()
         await rt.close(grace=0)  # inside, so the store threads' profiles are complete
