@@ -239,11 +239,19 @@ class Runtime:
             await self.store.open()
             self._started = True
             if self.recover_on_open:
-                for sid in await self.store.runtimes_with_pending_inputs():
-                    try:
-                        await self._owned(sid)
-                    except Exception as exc:  # one broken session must not block the rest
-                        log.error("recovery of session %s failed: %s", sid, exc)
+                # sessions recover concurrently (their commits share group commits); one
+                # broken session must not block the rest
+                gate = asyncio.Semaphore(16)
+
+                async def _recover(sid: str) -> None:
+                    async with gate:
+                        try:
+                            await self._owned(sid)
+                        except Exception as exc:
+                            log.error("recovery of session %s failed: %s", sid, exc)
+
+                pending = await self.store.runtimes_with_pending_inputs()
+                await asyncio.gather(*(_recover(sid) for sid in pending))
             self._maintainer = asyncio.get_running_loop().create_task(
                 self._maintain(), name="meerkat-runtime-maintainer"
             )

@@ -2038,7 +2038,14 @@ class _RunContext:
             if run.is_continuation
             else rt._staged_primitive(run.start_ids, RunApplyBoundary.RUN_START, run.head)
         )
-        self.primitive = StagedInput(**staged.model_dump())
+        self.primitive = StagedInput.model_construct(  # already validated: no re-validation
+            primitive_type="staged_input",
+            boundary=staged.boundary,
+            appends=staged.appends,
+            context_appends=staged.context_appends,
+            contributing_input_ids=staged.contributing_input_ids,
+            turn_metadata=staged.turn_metadata,
+        )
 
     @property
     def interrupted(self) -> asyncio.Event:
