@@ -1246,14 +1246,20 @@ class SessionRuntime:
                     **{"from": "staged", "to": "queued"},
                 )
                 back.append(e)
-        if back:
-            self._queue.push_front([(e.state.input_id, e.priority) for e in back])
-            for e in back:
-                self._count(e, 1)
-            for e in reversed(back):
-                self._order_front -= 1
-                e.order = self._order_front
-                txn.queue_orders[e.state.input_id] = e.order
+        self._push_front(txn, back)
+
+    def _push_front(self, txn: Txn, entries: list[_Entry]) -> None:
+        """Put ``entries`` back at the front of the queue in their order, with persisted
+        positions ahead of everything queued (S4, S8, S7)."""
+        if not entries:
+            return
+        self._queue.push_front([(e.state.input_id, e.priority) for e in entries])
+        for e in entries:
+            self._count(e, 1)
+        for e in reversed(entries):
+            self._order_front -= 1
+            e.order = self._order_front
+            txn.queue_orders[e.state.input_id] = e.order
 
     def _end_cancelled(self, run: _Run) -> None:
         if run.fenced:
@@ -1485,14 +1491,7 @@ class SessionRuntime:
                     "the process stopped during its runs too many times",
                 )
         if staged_back:
-            live = [e for e in staged_back if not e.state.is_terminal]
-            self._queue.push_front([(e.state.input_id, e.priority) for e in live])
-            for e in live:
-                self._count(e, 1)
-            for e in reversed(live):
-                self._order_front -= 1
-                e.order = self._order_front
-                txn.queue_orders[e.state.input_id] = e.order
+            self._push_front(txn, [e for e in staged_back if not e.state.is_terminal])
         self._order_back = max([self._order_back, *(e.order for e in self._entries.values())])
         self._order_front = min([self._order_front, *(e.order for e in self._entries.values())])
         # (2) derived inputs, now that the queue exists
