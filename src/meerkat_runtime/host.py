@@ -44,7 +44,7 @@ from .errors import (
 )
 from .runtime.driver import Rebuilders, RuntimeConfig, SessionRuntime, validate_input
 from .runtime.events import RuntimeEventEnvelope
-from .runtime.input_state import CoalescedOutcome, InputState, ReconstructionSource
+from .runtime.input_state import InputState, ReconstructionSource
 from .runtime.inputs import ExternalEventInput, Input, content_hash, kind_id, parse_input
 from .runtime.outcomes import (
     Accepted,
@@ -502,10 +502,6 @@ class Runtime:
                 Rejected(reason="this Runtime is shutting down", code=RejectCode.NOT_READY), None
             )
         rt = await self._owned(session_id)
-        if rt is not None and _has_key(raw) and self._token is not None:
-            # another process may have claimed keys through the inbox: take them in first so
-            # its claims are known before this accept decides (narrows, does not close, the race)
-            await self._ingest(rt)
         if rt is not None:
             outcome, fut = await rt.accept(
                 raw, reconstruction_source=source, register_waiter=waiter
@@ -601,45 +597,31 @@ class Runtime:
                     if stopped_on_fault and not self._closed:
                         continue  # stopped on a store fault: follow the input (reload)
                     return outcome
-            stored = await self._outcome_from_store(session_id, iid)
-            if stored is not None:
-                return stored
+            # one store read per poll: the state, then (only if missing) the inbox
             state = await self.store.load_input_state(session_id, iid)
-            if state is not None and isinstance(state.terminal_outcome, CoalescedOutcome):
-                # coalesced (e.g. before a restart) into an aggregate that is still pending:
-                # the waiter follows the aggregate (S12)
-                agg = state.terminal_outcome.aggregate_id
-                followed: WaitOutcome = with_via(await self._wait(session_id, agg), agg, iid)
-                return followed
-            if (
-                rt is not None
-                and state is None
-                and iid not in rt._entries
-                and not await self._in_inbox(session_id, iid)
+            if state is not None:
+                run = await self.store.load_run(state.last_run_id) if state.last_run_id else None
+                out = outcome_of(state, run)
+                if isinstance(out, InputId):
+                    # coalesced: the waiter follows the aggregate (S12), also across restarts
+                    followed: WaitOutcome = with_via(await self._wait(session_id, out), out, iid)
+                    return followed
+                if out is not None:
+                    return out
+            elif await self._inbox_entry(session_id, iid) is None and (
+                # unknown to the owner (this process), or to a store no process owns
+                rt is not None or (await self.store.lease_owner(session_id))[0] is None
             ):
                 raise InputNotFoundError(str(iid), f"session {session_id}")
             await asyncio.sleep(self.poll_interval)
 
-    async def _in_inbox(self, session_id: str, iid: InputId) -> bool:
+    async def _inbox_entry(self, session_id: str, iid: InputId) -> InboxEntry | None:
+        """The inbox entry of an input acknowledged but not yet ingested by the owner."""
+        needle = f'"id":"{iid}"'
         for e in await self.store.inbox_entries(session_id, limit=10_000):
-            if f'"id":"{iid}"' in e.input_json:
-                return True
-        return False
-
-    async def _outcome_from_store(self, session_id: str, iid: InputId) -> WaitOutcome | None:
-        state = await self.store.load_input_state(session_id, iid)
-        if state is None:
-            if not await self._in_inbox(session_id, iid) and self._runtimes.get(session_id) is None:
-                owner, _, _ = await self.store.lease_owner(session_id)
-                if owner is None:
-                    raise InputNotFoundError(str(iid), f"session {session_id}")
-            return None
-        run = await self.store.load_run(state.last_run_id) if state.last_run_id else None
-        out = outcome_of(state, run)
-        if isinstance(out, InputId):
-            agg = await self._outcome_from_store(session_id, out)
-            return None if agg is None else with_via(agg, out, iid)
-        return out
+            if needle in e.input_json:
+                return e
+        return None
 
     async def get_input_state(self, session_id: str, input_id: InputId | str) -> InputState:
         """The input's state: from memory if this process owns the session, else the store."""
@@ -651,14 +633,14 @@ class Runtime:
         st = await self.store.load_input_state(session_id, iid)
         if st is not None:
             return st
-        for e in await self.store.inbox_entries(session_id, limit=10_000):
-            if f'"id":"{iid}"' in e.input_json:
-                # acknowledged into the inbox, not yet ingested by the owner: accepted
-                inbox_state = InputState.new_accepted(iid, e.created_at or utcnow())
-                inbox_state.persisted_input = parse_input(e.input_json)
-                inbox_state.durability = inbox_state.persisted_input.header.durability
-                return inbox_state
-        raise InputNotFoundError(str(iid), f"session {session_id}")
+        e = await self._inbox_entry(session_id, iid)
+        if e is None:
+            raise InputNotFoundError(str(iid), f"session {session_id}")
+        # acknowledged into the inbox, not yet ingested by the owner: accepted
+        inbox_state = InputState.new_accepted(iid, e.created_at or utcnow())
+        inbox_state.persisted_input = parse_input(e.input_json)
+        inbox_state.durability = inbox_state.persisted_input.header.durability
+        return inbox_state
 
     def input_state(self, session_id: str, input_id: InputId | str) -> InputState:
         iid = input_id if isinstance(input_id, InputId) else InputId(input_id)
@@ -764,13 +746,6 @@ class Runtime:
             if not follow:
                 return
             await signal.wait()
-
-
-def _has_key(raw: Any) -> bool:
-    header = getattr(raw, "header", None)
-    if header is not None:
-        return header.idempotency_key is not None
-    return True  # a document: assume it may carry a key (cheap to check the inbox)
 
 
 def _gap(session_id: str, start: int, end: int) -> RuntimeEventEnvelope:

@@ -707,7 +707,7 @@ async def test_conformance_18_fallback_cancel_then_next_run_scripted(
 # ------------------------------------------------------------------------------ restart
 
 
-async def test_restart_keeps_pending_input(store_factory: StoreFactory) -> None:
+async def test_s7_restart_keeps_pending_input(store_factory: StoreFactory) -> None:
     """Inputs queued in one Runtime are recovered, in queue order, by the next Runtime on
     the same store (the memory store: the same object; SQLite: a new store on the same file)
     and run once something wakes the runtime."""

@@ -685,7 +685,7 @@ async def test_events_after_seq_first_seq_and_growth(store: Store) -> None:
     assert (await store.load_runtime(rid)).last_seq == 10  # kept across pruning
 
 
-async def test_prune_deletes_only_terminal_old_data_in_batches(store: Store) -> None:
+async def test_s18_prune_deletes_only_terminal_old_data_in_batches(store: Store) -> None:
     rid = "rt-prune"
     gen = await lease(store, rid)
     run_staged, run_done, run_orphan, run_live = (RunId.new() for _ in range(4))
