@@ -316,9 +316,38 @@ class ExecutorInternalError(CoreExecutorError):
 
 
 class ToolCall(WireModel):
+    """A tool call the model made. ``raw_arguments`` is set (and ``arguments`` empty) only
+    when the model's arguments were not a JSON object; the agent answers such a call with an
+    error result instead of running the tool."""
+
     id: str
     name: str
     arguments: dict[str, Any] = Field(default_factory=dict)
+    raw_arguments: str | None = None
+
+
+class Usage(WireModel):
+    """Token counts; the cache fields are set only by providers that report them."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_tokens: int | None = None
+    cache_read_tokens: int | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        def _opt(a: int | None, b: int | None) -> int | None:
+            return None if a is None and b is None else (a or 0) + (b or 0)
+
+        return Usage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            cache_creation_tokens=_opt(self.cache_creation_tokens, other.cache_creation_tokens),
+            cache_read_tokens=_opt(self.cache_read_tokens, other.cache_read_tokens),
+        )
 
 
 class Message(WireModel):
@@ -326,6 +355,9 @@ class Message(WireModel):
 
     ``input_ids`` names the inputs this message renders (set for appends made from inputs);
     the runtime stores it on the conversation row so "applied twice" can be counted.
+    ``is_error`` marks a tool result that reports a failure; ``usage`` on an assistant message
+    is what the model call that produced it cost (session usage totals are their sum, so they
+    are exactly as durable as the conversation).
     """
 
     _omit_empty = frozenset({"tool_calls", "input_ids"})
@@ -335,15 +367,8 @@ class Message(WireModel):
     tool_call_id: str | None = None
     name: str | None = None
     input_ids: list[InputId] = Field(default_factory=list)
-
-
-class Usage(WireModel):
-    input_tokens: int = 0
-    output_tokens: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.input_tokens + self.output_tokens
+    is_error: bool | None = None
+    usage: Usage | None = None
 
 
 class RunResult(WireModel):
