@@ -34,7 +34,8 @@ from typing import Any
 
 from ._ids import IdempotencyKey, InputId
 from ._time import utcnow
-from .core.lifecycle import CoreExecutor
+from .core.lifecycle import CoreExecutor, Message, RuntimeTurnMetadata
+from .core.tools import ToolRegistry
 from .errors import (
     InputNotFoundError,
     InputRejectedError,
@@ -45,7 +46,14 @@ from .errors import (
 from .runtime.driver import Rebuilders, RuntimeConfig, SessionRuntime, validate_input
 from .runtime.events import RuntimeEventEnvelope
 from .runtime.input_state import InputState, ReconstructionSource
-from .runtime.inputs import ExternalEventInput, Input, content_hash, kind_id, parse_input
+from .runtime.inputs import (
+    ExternalEventInput,
+    Input,
+    PromptInput,
+    content_hash,
+    kind_id,
+    parse_input,
+)
 from .runtime.outcomes import (
     Accepted,
     AcceptOutcome,
@@ -59,6 +67,7 @@ from .runtime.outcomes import (
 )
 from .runtime.policy import PolicySnapshot, PolicyTable, default_policy_table
 from .runtime.state import RuntimeState
+from .sessions import AGENT_KEYS, HistoryPage, SessionView, agent_config_from
 from .store import open_store
 from .store.base import IdempotencyRecord, InboxEntry, RuntimeStore, SessionRecord
 
@@ -80,15 +89,23 @@ class SessionInfo:
     created_at: datetime = field(default_factory=utcnow)
     custom_executor: bool = False
     offline_script: list[dict[str, Any]] | None = None
+    provider: str | None = None
+    archived: bool = False
+    config: dict[str, Any] = field(default_factory=dict)
 
     def to_json_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "session_id": self.id,
             "model": self.model,
             "system_prompt": self.system_prompt,
             "labels": dict(self.labels),
             "created_at": self.created_at.isoformat().replace("+00:00", "Z"),
         }
+        if self.provider is not None:
+            out["provider"] = self.provider
+        if self.archived:
+            out["archived"] = True
+        return out
 
     @classmethod
     def from_record(cls, rec: SessionRecord) -> SessionInfo:
@@ -101,6 +118,9 @@ class SessionInfo:
             created_at=rec.created_at,
             custom_executor=bool(cfg.get("custom_executor", False)),
             offline_script=cfg.get("offline_script"),
+            provider=cfg.get("provider"),
+            archived=rec.archived,
+            config=dict(cfg),
         )
 
 
@@ -161,8 +181,10 @@ class Runtime:
         poll_interval: float = 0.1,
         owner_id: str | None = None,
         recover_on_open: bool = True,
+        tools: ToolRegistry | None = None,
     ) -> None:
         self.store = store
+        self.tools = tools if tools is not None else ToolRegistry()
         self.policy = policy or default_policy_table()
         self.config = config or RuntimeConfig()
         self.rebuilders = rebuilders or Rebuilders()
@@ -175,6 +197,7 @@ class Runtime:
         self._sessions: dict[str, SessionInfo] = {}
         self._runtimes: dict[str, SessionRuntime] = {}
         self._executors: dict[str, CoreExecutor] = {}
+        self._session_tools: dict[str, ToolRegistry] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._ingest_locks: dict[str, asyncio.Lock] = {}
         self._started = False
@@ -197,11 +220,13 @@ class Runtime:
         lease_ttl: float = 10.0,
         poll_interval: float = 0.1,
         recover_on_open: bool = True,
+        tools: ToolRegistry | None = None,
     ) -> Runtime:
         """A runtime over the store at ``url``: ``None`` for the default SQLite file under
         ``$MEERKAT_STATE_DIR`` (or ``~/.local/share/meerkat``), ``sqlite:///path.db``, or
         ``memory://``. The store is opened (and pending sessions recovered, S7) on entering
-        ``async with`` or on first use."""
+        ``async with`` or on first use. ``tools`` are offered to every built-in agent session
+        (a session may add its own at ``create_session``)."""
         return cls(
             open_store(url),
             policy=policy,
@@ -211,6 +236,7 @@ class Runtime:
             lease_ttl=lease_ttl,
             poll_interval=poll_interval,
             recover_on_open=recover_on_open,
+            tools=tools,
         )
 
     async def __aenter__(self) -> Runtime:
@@ -289,23 +315,51 @@ class Runtime:
         executor: CoreExecutor | None = None,
         offline_script: list[dict[str, Any]] | None = None,
         session_id: str | None = None,
+        provider: str | None = None,
+        tools: ToolRegistry | None = None,
+        deferred_prompt: str | None = None,
+        **agent: Any,
     ) -> SessionInfo:
-        """Create a session and its runtime. Without ``executor`` the built-in agent runs it;
-        with one, a later process needs ``executor_factory`` to run the session again."""
+        """Create a session and its runtime. Without ``executor`` the built-in agent runs it
+        with the given settings (``agent`` takes the other ``AgentConfig`` fields:
+        ``max_tokens``, ``max_turns``, ``max_total_tokens``, ``max_tool_calls``,
+        ``max_duration``, ``output_schema``, ``structured_output_retries``,
+        ``provider_params``, ``base_url``); invalid settings raise ``InvalidOperationError``
+        and create nothing. ``tools`` are added to the Runtime's tools for this session (in
+        this process). With ``executor``, a later process needs ``executor_factory`` to run
+        the session again. ``deferred_prompt`` is prepended to the first ``turn``'s prompt
+        (the reference's deferred initial turn)."""
         self._check_open()
         await self.start()
         sid = session_id or str(InputId.new())
         if sid in self._sessions or await self.store.load_session(sid) is not None:
             raise InvalidOperationError(f"session {sid!r} already exists")
+        unknown = sorted(set(agent) - set(AGENT_KEYS))
+        if unknown:
+            raise InvalidOperationError(
+                f"unknown session setting(s) {', '.join(unknown)}; accepted: "
+                + ", ".join(AGENT_KEYS)
+            )
         now = utcnow()
         config: dict[str, Any] = {"model": model, "custom_executor": executor is not None}
-        if system_prompt is not None:
-            config["system_prompt"] = system_prompt
-        if offline_script is not None:
-            config["offline_script"] = offline_script
+        for key, value in (
+            ("system_prompt", system_prompt),
+            ("offline_script", offline_script),
+            ("provider", provider),
+            ("deferred_prompt", deferred_prompt),
+            *agent.items(),
+        ):
+            if value is not None:
+                config[key] = value
         record = SessionRecord(sid, now, now, config, dict(labels or {}))
-        if executor is None:
-            executor = self._build_agent(record)
+        if tools is not None:
+            self._session_tools[sid] = tools
+        try:
+            if executor is None:
+                executor = self._build_agent(record)
+        except InvalidOperationError:
+            self._session_tools.pop(sid, None)
+            raise
         await self.store.save_session(record)
         self._executors[sid] = executor
         info = SessionInfo.from_record(record)
@@ -314,18 +368,17 @@ class Runtime:
         return info
 
     def _build_agent(self, record: SessionRecord) -> CoreExecutor:
-        from .core.agent import AgentConfig, AgentExecutor
+        from .core.agent import AgentExecutor
 
-        cfg = record.config
         try:
-            agent_config = AgentConfig(
-                model=str(cfg.get("model", "offline")),
-                system_prompt=cfg.get("system_prompt"),
-                offline_script=cfg.get("offline_script"),
-            )
-        except ValueError as exc:
+            agent_config = agent_config_from(record.config)
+        except (ValueError, TypeError) as exc:
             raise InvalidOperationError(f"cannot create the session: {exc}") from None
-        return AgentExecutor(agent_config, session_id=record.session_id)
+        tools = self.tools
+        extra = self._session_tools.get(record.session_id)
+        if extra is not None:
+            tools = self.tools.merged(extra)
+        return AgentExecutor(agent_config, session_id=record.session_id, tools=tools)
 
     def _executor_for(self, record: SessionRecord) -> CoreExecutor:
         sid = record.session_id
@@ -354,10 +407,121 @@ class Runtime:
         self._sessions[session_id] = info
         return info
 
-    async def list_sessions(self, *, include_archived: bool = False) -> list[SessionInfo]:
+    async def list_sessions(
+        self,
+        *,
+        include_archived: bool = False,
+        labels: dict[str, str] | None = None,
+        offset: int = 0,
+        limit: int | None = None,
+    ) -> list[SessionInfo]:
+        """Sessions in creation order; with ``labels``, only those carrying every given
+        label with the given value."""
         await self.start()
         recs = await self.store.list_sessions(include_archived=include_archived)
+        if labels:
+            recs = [r for r in recs if all(r.labels.get(k) == v for k, v in labels.items())]
+        recs = recs[max(offset, 0) :]
+        if limit is not None:
+            recs = recs[: max(limit, 0)]
         return [SessionInfo.from_record(r) for r in recs]
+
+    # ------------------------------------------------------------------ the session service
+
+    async def turn(
+        self,
+        session_id: str,
+        prompt: str,
+        *,
+        turn_metadata: RuntimeTurnMetadata | None = None,
+        idempotency_key: str | None = None,
+    ) -> CompletionHandle:
+        """Accept a prompt for the session's next turn; ``handle.wait()`` gives its outcome
+        (``completed{result}`` carries the run result). A session's deferred prompt is
+        prepended to its first turn (``"{deferred}\n\n{prompt}"``) and then cleared."""
+        record = await self._record(session_id)
+        if record.archived:
+            raise InvalidOperationError(f"session {session_id} is archived; it takes no turns")
+        deferred = record.config.get("deferred_prompt")
+        text = f"{deferred}\n\n{prompt}" if deferred else prompt
+        header: dict[str, Any] = {}
+        if idempotency_key is not None:
+            header["idempotency_key"] = idempotency_key
+        handle = await self.accept_with_completion(
+            session_id, PromptInput.new(text, turn_metadata, **header)
+        )
+        if deferred and not isinstance(handle.outcome, Rejected):
+            record.config.pop("deferred_prompt", None)
+            record.updated_at = utcnow()
+            await self.store.save_session(record)
+        return handle
+
+    async def interrupt(self, session_id: str) -> bool:
+        """Cancel the session's active run (S8); False when no run was active."""
+        return await self.cancel(session_id, "interrupted")
+
+    async def _record(self, session_id: str) -> SessionRecord:
+        await self.start()
+        record = await self.store.load_session(session_id)
+        if record is None:
+            raise SessionNotFoundError(session_id)
+        return record
+
+    async def _messages(self, session_id: str) -> tuple[list[Message], SessionRuntime | None]:
+        rt = await self._owned(session_id)
+        if rt is not None:
+            return rt.conversation.messages(), rt
+        return [r.message for r in await self.store.load_conversation(session_id)], None
+
+    async def read_session(self, session_id: str) -> SessionView:
+        """The session as it stands: settings, labels, message count, usage totals (from the
+        committed conversation), whether a run is active."""
+        record = await self._record(session_id)
+        if record.archived:
+            messages = [r.message for r in await self.store.load_conversation(session_id)]
+            rt = None
+        else:
+            messages, rt = await self._messages(session_id)
+        last = next((m.created_at for m in reversed(messages) if m.created_at), None)
+        return SessionView.build(
+            record,
+            messages,
+            is_active=rt is not None and rt.active_run_id is not None,
+            state=rt.state.value if rt is not None else None,
+            updated_at=last,
+        )
+
+    async def history(
+        self, session_id: str, *, offset: int = 0, limit: int | None = None
+    ) -> HistoryPage:
+        """A page of the session's committed conversation, oldest first."""
+        await self._record(session_id)
+        messages = [r.message for r in await self.store.load_conversation(session_id)]
+        rt = self._runtimes.get(session_id)
+        if rt is not None and len(rt.conversation) > len(messages):
+            messages = rt.conversation.messages()
+        try:
+            return HistoryPage.slice(session_id, messages, offset, limit)
+        except ValueError as exc:
+            raise InvalidOperationError(str(exc)) from None
+
+    async def archive_session(self, session_id: str) -> dict[str, int]:
+        """Retire the session without replacement (its pending inputs end ``{retired}``,
+        S9), then mark it archived: it leaves listings and takes no more turns. Its
+        conversation stays readable."""
+        record = await self._record(session_id)
+        counts: dict[str, int] = {}
+        if not record.archived:
+            rt = await self._owned(session_id)
+            if rt is not None and rt.state not in (RuntimeState.RETIRED, RuntimeState.DESTROYED):
+                counts = await rt.retire(False)
+            record.archived = True
+            record.updated_at = utcnow()
+            await self.store.save_session(record)
+            info = self._sessions.get(session_id)
+            if info is not None:
+                info.archived = True
+        return counts
 
     def sessions(self) -> list[SessionInfo]:
         """Sessions this process has touched (see ``list_sessions`` for the store's)."""

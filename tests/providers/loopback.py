@@ -5,7 +5,9 @@ loop) talk to it over a real socket. Each request is recorded and answered by th
 ``Reply`` (or by ``default``). A reply's ``chunks`` are written one by one with chunked
 transfer encoding; a float in ``chunks`` is a pause in seconds, so a test can stream slowly
 (or for 30 s, to be cancelled). ``cut`` closes the connection after the chunks without the
-terminating chunk: the client sees a stream that broke in the middle.
+terminating chunk: the client sees a stream that broke in the middle. A pause ends early when
+the client closes the connection (the reply is then dropped), so ``open_streams`` drops to 0
+soon after a client abandons a slow stream.
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ class LoopbackServer:
                     reply = self.default
                 if callable(reply):
                     reply = reply(request)
-                keep = await self._write(writer, reply)
+                keep = await self._write(writer, reply, reader)
                 if not keep:
                     return
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -167,7 +169,12 @@ class LoopbackServer:
             body = b"".join(parts)
         return Recorded(method, path, headers, body)
 
-    async def _write(self, writer: asyncio.StreamWriter, reply: Reply) -> bool:
+    async def _write(
+        self,
+        writer: asyncio.StreamWriter,
+        reply: Reply,
+        reader: asyncio.StreamReader | None = None,
+    ) -> bool:
         reason = _REASONS.get(reply.status, "Status")
         head = [f"HTTP/1.1 {reply.status} {reason}", "transfer-encoding: chunked"]
         head += [f"{k}: {v}" for k, v in reply.headers.items()]
@@ -177,7 +184,9 @@ class LoopbackServer:
         try:
             for chunk in reply.chunks:
                 if isinstance(chunk, float):
-                    await asyncio.sleep(chunk)
+                    if await self._pause(chunk, reader):
+                        writer.transport.abort()  # the client went away
+                        return False
                     continue
                 data = chunk.encode() if isinstance(chunk, str) else chunk
                 writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
@@ -190,6 +199,19 @@ class LoopbackServer:
             return True
         finally:
             self.open_streams -= 1
+
+    @staticmethod
+    async def _pause(seconds: float, reader: asyncio.StreamReader | None) -> bool:
+        """Sleep ``seconds``; return True early if the client closed the connection."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while True:
+            if reader is not None and reader.at_eof():
+                return True
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(left, 0.01))
 
 
 @contextlib.contextmanager

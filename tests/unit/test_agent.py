@@ -66,6 +66,7 @@ class FakeRun:
         self.boundary_deltas: list[list[Message]] = []
         self.checkpoint_commits: list[list[Message]] = []
         self._joins = list(joins)
+        self.events: list[dict[str, Any]] = []
 
     async def commit_boundary(self, delta: Sequence[Message] = ()) -> RunBoundaryReceipt:
         self.log.append("boundary")
@@ -89,6 +90,9 @@ class FakeRun:
 
     def append(self, *messages: Message) -> None:
         self.pending.extend(messages)
+
+    def emit(self, event: Any) -> None:
+        self.events.append(dict(event))
 
     def conversation(self) -> list[Message]:
         return [*self.committed, *self.pending]
@@ -136,7 +140,7 @@ class SpyModel(OfflineModel):
         self.run = run
         self.requests: list[ModelRequest] = []
 
-    async def complete(self, request: ModelRequest) -> ModelResponse:
+    async def complete(self, request: ModelRequest, *, on_text: Any = None) -> ModelResponse:
         self.requests.append(request)
         self.log.append(f"model:committed={len(self.run[0].committed)}")
         return await super().complete(request)

@@ -277,7 +277,11 @@ def test_malformed_step_names_the_step_and_the_accepted_types(
     with pytest.raises(ValueError) as info:
         OfflineModel(script)
     message = str(info.value)
-    for fragment in [*fragments, "accepted step types: text{text}", "tool{name, args?"]:
+    for fragment in [
+        *fragments,
+        "accepted step types: text{text, chunk_delay?}",
+        "tool{name, args?",
+    ]:
         assert fragment in message, message
 
 

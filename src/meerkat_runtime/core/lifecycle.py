@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Annotated, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from pydantic import Field
 
 from .._ids import InputId, RunId
 from .._model import WireModel
+from .._time import Timestamp
 
 __all__ = [
     "ApplyFailed",
@@ -357,7 +358,8 @@ class Message(WireModel):
     the runtime stores it on the conversation row so "applied twice" can be counted.
     ``is_error`` marks a tool result that reports a failure; ``usage`` on an assistant message
     is what the model call that produced it cost (session usage totals are their sum, so they
-    are exactly as durable as the conversation).
+    are exactly as durable as the conversation). ``created_at`` is stamped by the runtime
+    when the message is committed, if the executor left it unset.
     """
 
     _omit_empty = frozenset({"tool_calls", "input_ids"})
@@ -369,6 +371,7 @@ class Message(WireModel):
     input_ids: list[InputId] = Field(default_factory=list)
     is_error: bool | None = None
     usage: Usage | None = None
+    created_at: Timestamp | None = None
 
 
 class RunResult(WireModel):
@@ -415,8 +418,9 @@ class RunContext(Protocol):
     with the appends made from ``primitive``; call ``checkpoint`` between model calls; watch
     ``cancelled`` at every await. Messages passed to ``append`` are committed with the next
     commit (boundary, checkpoint, or the completion when ``apply`` returns), ahead of that
-    commit's ``delta``. ``guard`` closes a coroutine it does not await (when the run is
-    already cancelled).
+    commit's ``delta``. ``emit`` publishes an agent event (``{"type": ..., ...}``, the
+    ``meerkat-sdk`` event shapes) in the session's event sequence; it never blocks.
+    ``guard`` closes a coroutine it does not await (when the run is already cancelled).
     """
 
     run_id: RunId
@@ -430,6 +434,8 @@ class RunContext(Protocol):
     async def checkpoint(self, delta: Sequence[Message] = ()) -> StagedRunInput | None: ...
 
     def append(self, *messages: Message) -> None: ...
+
+    def emit(self, event: Mapping[str, Any]) -> None: ...
 
     def conversation(self) -> list[Message]: ...
 

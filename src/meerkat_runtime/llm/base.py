@@ -111,6 +111,9 @@ class ModelError(Exception):
     """
 
     kind: ErrorKind = "unknown"
+    transient: bool
+    status: int | None
+    retry_after: float | None
 
     def __init__(
         self,

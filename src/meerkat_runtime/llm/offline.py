@@ -19,9 +19,11 @@ Script semantics (the invariants tests rely on):
   ``"before_boundary"`` fires only in ``before_boundary``, which the agent calls before it
   commits a run's boundary (a ``complete`` call passes over it). ``before_boundary`` fires
   only when such a step is the first of its group with failures left.
-- A ``tool`` or ``wait`` answer at cursor ``c`` is one tool call with id ``call_<c>``; the
-  simulated duration and result of a ``tool`` step are looked up from that id with
-  ``tool_behaviour`` (they never appear in the conversation).
+- A ``tool`` or ``wait`` answer at cursor ``c`` is one tool call with id ``call_<c>``; a
+  ``tools`` answer is a batch of calls ``call_<c>_<i>``. The simulated duration and result of
+  a scripted call are looked up from its id with ``tool_behaviour`` (they never appear in the
+  conversation); the agent uses them only for names it has no registered tool for.
+- Text answers are streamed to ``on_text`` word by word (``chunk_delay`` between pieces).
 - ``delay`` (seconds) is waited with ``asyncio.sleep`` before answering or failing, so it never
   blocks the event loop and is cancellable; a cancelled call counts no failure.
 - Usage is a deterministic estimate: whitespace-separated words in, words out.
@@ -41,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .._json import compact
 from ..core.lifecycle import Message, ToolCall, Usage
-from .base import ModelError, ModelRequest, ModelResponse
+from .base import ModelError, ModelRequest, ModelResponse, TextSink
 
 __all__ = [
     "FailStep",
@@ -49,7 +51,9 @@ __all__ = [
     "ScriptStep",
     "TextStep",
     "ToolBehaviour",
+    "ToolCallSpec",
     "ToolStep",
+    "ToolsStep",
     "WaitStep",
     "parse_script",
 ]
@@ -65,20 +69,41 @@ class _Step(BaseModel):
 
 
 class TextStep(_Step):
-    """A final text answer."""
+    """A final text answer, streamed word by word with ``chunk_delay`` seconds between
+    pieces."""
 
     type: Literal["text"]
     text: str
+    chunk_delay: float = Field(default=0.0, ge=0)
 
 
-class ToolStep(_Step):
-    """One tool call; the agent simulates it for ``duration`` seconds and reads ``result``."""
+class ToolCallSpec(BaseModel):
+    """One scripted tool call. When the agent has no tool of that name registered it
+    simulates the call for ``duration`` seconds and reads ``result``. ``raw_args`` plays a
+    model that sent arguments that are not a JSON object (the call carries them as
+    ``raw_arguments``)."""
 
-    type: Literal["tool"]
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
     name: str = Field(min_length=1)
     args: dict[str, Any] = Field(default_factory=dict)
+    raw_args: str | None = None
     duration: float = Field(default=0.0, ge=0)
     result: str = "ok"
+
+
+class ToolStep(_Step, ToolCallSpec):
+    """One tool call (see ``ToolCallSpec``)."""
+
+    type: Literal["tool"]
+
+
+class ToolsStep(_Step):
+    """Several tool calls in one answer (a parallel batch); each item is a ``tool`` step
+    without ``type``. Call ids are ``call_<cursor>_<index>``."""
+
+    type: Literal["tools"]
+    calls: list[ToolCallSpec] = Field(min_length=1)
 
 
 class WaitStep(_Step):
@@ -98,17 +123,20 @@ class FailStep(_Step):
     phase: Literal["model", "before_boundary"] = "model"
 
 
-ScriptStep = Annotated[TextStep | ToolStep | WaitStep | FailStep, Field(discriminator="type")]
-_AnswerStep = TextStep | ToolStep | WaitStep
+ScriptStep = Annotated[
+    TextStep | ToolStep | ToolsStep | WaitStep | FailStep, Field(discriminator="type")
+]
+_AnswerStep = TextStep | ToolStep | ToolsStep | WaitStep
 
 _STEP_TYPES: dict[str, type[_Step]] = {
     "text": TextStep,
     "tool": ToolStep,
+    "tools": ToolsStep,
     "wait": WaitStep,
     "fail": FailStep,
 }
 _STEP_ADAPTER: TypeAdapter[ScriptStep] = TypeAdapter(ScriptStep)
-_CALL_ID = re.compile(r"call_(\d+)")
+_CALL_ID = re.compile(r"call_(\d+)(?:_(\d+))?")
 
 
 class ToolBehaviour(NamedTuple):
@@ -229,7 +257,9 @@ class OfflineModel:
         """How many times the fail step at ``step_index`` has fired for ``session_id``."""
         return self._failures.get((session_id, step_index), 0)
 
-    async def complete(self, request: ModelRequest) -> ModelResponse:
+    async def complete(
+        self, request: ModelRequest, *, on_text: TextSink | None = None
+    ) -> ModelResponse:
         cursor = _cursor(request.messages)
         slot = self._slot(cursor)
         for index, step in slot.fails:
@@ -238,6 +268,7 @@ class OfflineModel:
         answer = slot.answer
         if answer is None:
             text = _echo_text(request.messages)
+            await _stream(text, 0.0, on_text)
             return ModelResponse(
                 text=text,
                 tool_calls=[],
@@ -246,6 +277,8 @@ class OfflineModel:
             )
         if answer.delay > 0:
             await asyncio.sleep(answer.delay)
+        if isinstance(answer, TextStep):
+            await _stream(answer.text, answer.chunk_delay, on_text)
         return self._respond(answer, cursor, request)
 
     async def before_boundary(self, request: ModelRequest) -> None:
@@ -265,8 +298,14 @@ class OfflineModel:
             position = int(match.group(1))
             if position < len(self._answers):
                 step = self._answers[position]
-                if isinstance(step, ToolStep) and step.name == call.name:
-                    return ToolBehaviour(step.duration, step.result)
+                spec: ToolCallSpec | None = None
+                if isinstance(step, ToolStep) and match.group(2) is None:
+                    spec = step
+                elif isinstance(step, ToolsStep) and match.group(2) is not None:
+                    index = int(match.group(2))
+                    spec = step.calls[index] if index < len(step.calls) else None
+                if spec is not None and spec.name == call.name:
+                    return ToolBehaviour(spec.duration, spec.result)
         return ToolBehaviour(0.0, "ok")
 
     def _slot(self, cursor: int) -> _Slot:
@@ -292,16 +331,36 @@ class OfflineModel:
                 stop_reason="end_turn",
             )
         if isinstance(step, ToolStep):
-            call = ToolCall(id=f"call_{cursor}", name=step.name, arguments=copy.deepcopy(step.args))
+            calls = [_call(f"call_{cursor}", step)]
+        elif isinstance(step, ToolsStep):
+            calls = [_call(f"call_{cursor}_{i}", spec) for i, spec in enumerate(step.calls)]
         else:
-            call = ToolCall(
-                id=f"call_{cursor}", name=WAIT_TOOL_NAME, arguments={"timeout": step.timeout}
-            )
+            calls = [
+                ToolCall(
+                    id=f"call_{cursor}", name=WAIT_TOOL_NAME, arguments={"timeout": step.timeout}
+                )
+            ]
+        out_tokens = sum(1 + _words(c.raw_arguments or compact(c.arguments)) for c in calls)
         return ModelResponse(
             text=None,
-            tool_calls=[call],
-            usage=Usage(
-                input_tokens=input_tokens, output_tokens=1 + _words(compact(call.arguments))
-            ),
+            tool_calls=calls,
+            usage=Usage(input_tokens=input_tokens, output_tokens=out_tokens),
             stop_reason="tool_use",
         )
+
+
+def _call(call_id: str, spec: ToolCallSpec) -> ToolCall:
+    if spec.raw_args is not None:
+        return ToolCall(id=call_id, name=spec.name, raw_arguments=spec.raw_args)
+    return ToolCall(id=call_id, name=spec.name, arguments=copy.deepcopy(spec.args))
+
+
+async def _stream(text: str, chunk_delay: float, on_text: TextSink | None) -> None:
+    """Hand ``text`` to ``on_text`` in word-sized pieces (whitespace kept with the word that
+    follows it), sleeping ``chunk_delay`` seconds before each piece after the first."""
+    if on_text is None or not text:
+        return
+    for i, piece in enumerate(re.findall(r"\s*\S+|\s+$", text)):
+        if i and chunk_delay > 0:
+            await asyncio.sleep(chunk_delay)
+        on_text(piece)

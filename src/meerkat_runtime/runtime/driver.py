@@ -25,7 +25,7 @@ import contextlib
 import functools
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, TypeVar
@@ -316,12 +316,7 @@ class SessionRuntime:
         if isinstance(fut, asyncio.Future):
             fut.add_done_callback(self._check_commit)
         if txn.events:
-            self._events.extend(txn.events)
-            self._event_signal.set()
-            self._event_signal = asyncio.Event()
-            if self._on_event is not None:
-                for e in txn.events:
-                    self._on_event(e)
+            self._publish(txn.events)
         if txn.after_commit:
             callbacks = txn.after_commit
 
@@ -339,6 +334,35 @@ class SessionRuntime:
                 fut = asyncio.ensure_future(fut)
                 fut.add_done_callback(_run_callbacks)
         return fut
+
+    def _publish(self, events: list[RuntimeEventEnvelope]) -> None:
+        """Hand events to in-process subscribers (the ring, the signal, ``on_event``)."""
+        self._events.extend(events)
+        self._event_signal.set()
+        self._event_signal = asyncio.Event()
+        if self._on_event is not None:
+            for e in events:
+                self._on_event(e)
+
+    def emit_agent(self, run: _Run, data: dict[str, Any]) -> None:
+        """Publish an agent event of ``run`` in the session's event sequence (S15).
+
+        Text deltas get a ``seq`` and live only in the in-memory ring; every other agent event
+        is also written, in its own transaction submitted now, so stored events keep ascending
+        ``seq`` order whatever commits follow. The write is not awaited (events are reports,
+        not state): a crash may lose the last few, never reorder them. A fenced or finished
+        run's events are dropped, so nothing it reports outlives its ownership.
+        """
+        if run.fenced or self._active is not run or self._closed_reason is not None:
+            return
+        env = RuntimeEventEnvelope.make(self._next_seq, utcnow(), self.runtime_id, "agent", data)
+        self._next_seq += 1
+        if data.get("type") == "text_delta":
+            self._publish([env])
+            return
+        txn = self._txn()
+        txn.events.append(env)
+        self._submit(txn)
 
     def _check_commit(self, fut: asyncio.Future[None]) -> None:
         """A failed commit means memory is ahead of the store: this instance stops (its next
@@ -987,6 +1011,8 @@ class SessionRuntime:
         msgs.extend(delta)
         run.buffer.clear()
         if msgs:
+            now = utcnow()
+            msgs = [m if m.created_at else m.model_copy(update={"created_at": now}) for m in msgs]
             rows = self.conversation.make_rows(msgs, run.run_id)
             self.conversation.extend(rows)
             txn.rows.extend(rows)
@@ -2058,6 +2084,10 @@ class _RunContext:
 
     def append(self, *messages: Message) -> None:
         self._run.buffer.extend(messages)
+
+    def emit(self, event: Mapping[str, Any]) -> None:
+        """Publish an agent event (a dict with ``type``) in the session's sequence."""
+        self._rt.emit_agent(self._run, dict(event))
 
     def conversation(self) -> list[Message]:
         msgs = self._rt.conversation.messages()

@@ -4,8 +4,9 @@ Envelope: ``{id, seq, timestamp, runtime_id, event: {category, data: {code, ...}
 per runtime, strictly increasing, assigned in the transaction of the change it reports.
 
 Categories: ``input_lifecycle``, ``run_lifecycle``, ``runtime_state_change``, ``topology``,
-``recovery`` (ours) and ``stream`` (ours: ``events_gap`` tells a subscriber that events it
-asked for were pruned).
+``recovery`` (ours), ``stream`` (ours: ``events_gap`` tells a subscriber that events it
+asked for were pruned) and ``agent`` (ours: ``data`` is an agent event of the turn loop in the
+``meerkat-sdk`` shape, ``{"type": "text_delta", "delta": ...}``; see ``core/events.py``).
 """
 
 from __future__ import annotations
@@ -66,5 +67,7 @@ def event_code(event: dict[str, Any]) -> str:
     if category == "runtime_state_change":
         return "runtime.state_changed"
     data = event.get("data") or {}
+    if category == "agent":
+        return f"agent.{data.get('type', '')}"
     prefix = _CATEGORY_PREFIX.get(category, category)
     return f"{prefix}.{data.get('code', '')}"
