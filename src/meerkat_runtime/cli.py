@@ -7,6 +7,7 @@ cancelled, terminated); 2 usage error; 3 the input was rejected; 4 not found.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -18,7 +19,6 @@ from rich.console import Console
 from . import __version__
 from .errors import MeerkatRuntimeError
 from .host import Runtime
-from .runtime.inputs import PromptInput
 from .runtime.outcomes import CompletedWait, CompletedWithoutResultWait, Rejected
 
 app = typer.Typer(
@@ -63,8 +63,17 @@ def run(
         str | None, typer.Option("--session", help="Continue this session instead of a new one.")
     ] = None,
     model: Annotated[
-        str, typer.Option(help="Model to use; 'offline' needs no network.")
+        str,
+        typer.Option(
+            help="Model to use: 'offline' (no network), an OpenAI model (gpt-..., needs "
+            "OPENAI_API_KEY; any model with OPENAI_BASE_URL) or an Anthropic one (claude-..., "
+            "needs ANTHROPIC_API_KEY)."
+        ),
     ] = "offline",
+    provider: Annotated[
+        str | None,
+        typer.Option(help="Provider (offline, openai, anthropic); default: from the model name."),
+    ] = None,
     system: Annotated[str | None, typer.Option(help="System prompt for a new session.")] = None,
     script: Annotated[
         Path | None,
@@ -84,7 +93,7 @@ def run(
     offline_script = _load_script(script)
     try:
         code = asyncio.run(
-            _run(prompt, session, model, system, offline_script, store, as_json, timeout)
+            _run(prompt, session, model, provider, system, offline_script, store, as_json, timeout)
         )
     except MeerkatRuntimeError as exc:
         raise _fail(str(exc), EXIT_NOT_FOUND if "not_found" in exc.code else EXIT_USAGE) from None
@@ -97,6 +106,7 @@ async def _run(
     prompt: str,
     session_id: str | None,
     model: str,
+    provider: str | None,
     system: str | None,
     offline_script: list[dict[str, Any]] | None,
     store: str | None,
@@ -112,10 +122,11 @@ async def _run(
                 return EXIT_NOT_FOUND
         else:
             info = await rt.create_session(
-                model=model, system_prompt=system, offline_script=offline_script
+                model=model, provider=provider, system_prompt=system, offline_script=offline_script
             )
             session_id = info.id
-        handle = await rt.accept_with_completion(session_id, PromptInput.new(prompt))
+        after = await rt.last_event_seq(session_id)
+        handle = await rt.turn(session_id, prompt)
         if isinstance(handle.outcome, Rejected):
             if as_json:
                 _out.print_json(data=handle.outcome.to_json_dict())
@@ -125,18 +136,32 @@ async def _run(
                     highlight=False,
                 )
             return EXIT_REJECTED
-        show_spinner = not as_json and sys.stderr.isatty()
-        if show_spinner:
-            with _err.status("[dim]thinking…[/]"):
+        streamed: list[str] = []
+        follower = None
+        if not as_json:
+            follower = asyncio.create_task(_stream_reply(rt, session_id, after, streamed))
+        try:
+            show_spinner = not as_json and sys.stderr.isatty()
+            if show_spinner:
+                with _err.status("[dim]thinking…[/]"):
+                    outcome = await handle.wait(timeout)
+            else:
                 outcome = await handle.wait(timeout)
-        else:
-            outcome = await handle.wait(timeout)
+        finally:
+            if follower is not None:
+                follower.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await follower
         if as_json:
             doc = outcome.to_json_dict()
             doc["session_id"] = session_id
             _out.print_json(data=doc)
         elif isinstance(outcome, CompletedWait):
-            _out.print(outcome.result.text, highlight=False, markup=False)
+            if streamed and "".join(streamed).endswith(outcome.result.text):
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+            else:
+                _out.print(outcome.result.text, highlight=False, markup=False)
         elif isinstance(outcome, CompletedWithoutResultWait):
             _err.print("[dim](completed without a reply)[/]")
         else:
@@ -148,6 +173,33 @@ async def _run(
             _err.print(f"[dim]session {session_id}[/]", highlight=False)
         ok = isinstance(outcome, (CompletedWait, CompletedWithoutResultWait))
         return EXIT_OK if ok else EXIT_RUN_FAILED
+
+
+async def _stream_reply(rt: Runtime, session_id: str, after: int, streamed: list[str]) -> None:
+    """Print the reply's text as the model streams it, and tool calls as they start.
+
+    Only pieces of the final answer's turn stay on stdout; text of a turn that ended in tool
+    calls is kept as it streamed (the model's words before calling)."""
+    async for env in rt.events(session_id, after, follow=True):
+        if env.event.get("category") != "agent":
+            continue
+        data = env.event.get("data") or {}
+        kind = data.get("type")
+        if kind == "text_delta":
+            piece = str(data.get("delta", ""))
+            streamed.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        elif kind == "tool_execution_started":
+            if streamed:
+                sys.stdout.write("\n")
+                streamed.clear()
+            _err.print(f"[dim]→ {data.get('name')}[/]", highlight=False)
+        elif kind == "retrying":
+            _err.print(
+                f"[dim]retrying ({data.get('error_kind')}): attempt {data.get('attempt')}[/]",
+                highlight=False,
+            )
 
 
 def _describe(doc: dict[str, Any]) -> str:

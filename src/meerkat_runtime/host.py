@@ -857,6 +857,17 @@ class Runtime:
 
     # ------------------------------------------------------------------ events
 
+    async def last_event_seq(self, session_id: str) -> int:
+        """The session's last event ``seq`` (follow ``events`` after it to see only what
+        happens from now on)."""
+        rt = await self._owned(session_id)
+        if rt is not None:
+            return rt.last_seq
+        last = 0
+        async for env in self.events(session_id, 0):
+            last = env.seq
+        return last
+
     async def events(
         self, session_id: str, after_seq: int = 0, *, follow: bool = False
     ) -> AsyncIterator[RuntimeEventEnvelope]:
