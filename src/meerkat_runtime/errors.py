@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "InputNotFoundError",
     "InputRejectedError",
+    "InvalidArgumentError",
     "InvalidOperationError",
     "MeerkatRuntimeError",
     "RuntimeClosedError",
@@ -40,6 +41,12 @@ class InputNotFoundError(MeerkatRuntimeError, LookupError):
 
 class InvalidOperationError(MeerkatRuntimeError):
     code = "invalid_operation"
+
+
+class InvalidArgumentError(InvalidOperationError, ValueError):
+    """An argument was malformed or out of range (surfaces answer it as a bad request)."""
+
+    code = "invalid_argument"
 
 
 class RuntimeClosedError(MeerkatRuntimeError):

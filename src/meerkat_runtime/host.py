@@ -38,6 +38,7 @@ from .core.lifecycle import CoreExecutor, Message, RuntimeTurnMetadata
 from .core.tools import ToolRegistry
 from .errors import (
     InputNotFoundError,
+    InvalidArgumentError,
     InputRejectedError,
     InvalidOperationError,
     RuntimeClosedError,
@@ -336,7 +337,7 @@ class Runtime:
             raise InvalidOperationError(f"session {sid!r} already exists")
         unknown = sorted(set(agent) - set(AGENT_KEYS))
         if unknown:
-            raise InvalidOperationError(
+            raise InvalidArgumentError(
                 f"unknown session setting(s) {', '.join(unknown)}; accepted: "
                 + ", ".join(AGENT_KEYS)
             )
@@ -357,7 +358,7 @@ class Runtime:
         try:
             if executor is None:
                 executor = self._build_agent(record)
-        except InvalidOperationError:
+        except InvalidArgumentError:
             self._session_tools.pop(sid, None)
             raise
         await self.store.save_session(record)
@@ -373,7 +374,7 @@ class Runtime:
         try:
             agent_config = agent_config_from(record.config)
         except (ValueError, TypeError) as exc:
-            raise InvalidOperationError(f"cannot create the session: {exc}") from None
+            raise InvalidArgumentError(f"cannot create the session: {exc}") from None
         tools = self.tools
         extra = self._session_tools.get(record.session_id)
         if extra is not None:
@@ -503,7 +504,7 @@ class Runtime:
         try:
             return HistoryPage.slice(session_id, messages, offset, limit)
         except ValueError as exc:
-            raise InvalidOperationError(str(exc)) from None
+            raise InvalidArgumentError(str(exc)) from None
 
     async def archive_session(self, session_id: str) -> dict[str, int]:
         """Retire the session without replacement (its pending inputs end ``{retired}``,

@@ -1,17 +1,17 @@
 """AgentExecutor against an in-memory RunContext: boundary, turn loop, checkpoints, waits,
-cancellation, failures."""
+cancellation, failures. (The fakes live in ``tests/agent_fakes.py``; the richer turn-loop
+behaviour is covered by ``test_agent_loop.py``.)"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Awaitable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
-from meerkat_runtime._ids import InputId, RunId
+from meerkat_runtime._ids import InputId
 from meerkat_runtime.core.agent import (
     INTERRUPTED_TOOL_RESULT,
     AgentConfig,
@@ -26,7 +26,6 @@ from meerkat_runtime.core.lifecycle import (
     Message,
     ReferenceRenderable,
     RunApplyBoundary,
-    RunBoundaryReceipt,
     RunCancelled,
     RunContext,
     RunFailure,
@@ -35,142 +34,26 @@ from meerkat_runtime.core.lifecycle import (
     StagedRunInput,
     TextRenderable,
     ToolCall,
+    Usage,
 )
-from meerkat_runtime.llm.base import ModelRequest, ModelResponse
-from meerkat_runtime.llm.offline import OfflineModel
+from meerkat_runtime.llm.retry import RetryPolicy
+from tests.agent_fakes import FakeRun, SpyModel, prompt
 
-T = TypeVar("T")
-
-
-class FakeRun:
-    """An in-memory RunContext. ``log`` records boundary, checkpoint, wait and (through
-    ``SpyModel``) model events in order; ``joins`` are returned by successive checkpoints."""
-
-    def __init__(
-        self,
-        primitive: StagedInput,
-        *,
-        history: Sequence[Message] = (),
-        joins: Sequence[StagedRunInput | None] = (),
-        log: list[str] | None = None,
-    ) -> None:
-        self.run_id = RunId.new()
-        self.session_id = "fake-session"
-        self.primitive = primitive
-        self.is_continuation = not primitive.appends and not primitive.contributing_input_ids
-        self.cancelled = asyncio.Event()
-        self.interrupt = asyncio.Event()
-        self.committed: list[Message] = list(history)
-        self.pending: list[Message] = []
-        self.log = log if log is not None else []
-        self.boundary_deltas: list[list[Message]] = []
-        self.checkpoint_commits: list[list[Message]] = []
-        self._joins = list(joins)
-        self.events: list[dict[str, Any]] = []
-
-    async def commit_boundary(self, delta: Sequence[Message] = ()) -> RunBoundaryReceipt:
-        self.log.append("boundary")
-        self.boundary_deltas.append(list(delta))
-        self.committed.extend([*self.pending, *delta])
-        self.pending.clear()
-        return RunBoundaryReceipt(
-            run_id=self.run_id,
-            boundary=self.primitive.boundary,
-            contributing_input_ids=list(self.primitive.contributing_input_ids),
-            message_count=len(self.committed),
-        )
-
-    async def checkpoint(self, delta: Sequence[Message] = ()) -> StagedRunInput | None:
-        self.log.append("checkpoint")
-        batch = [*self.pending, *delta]
-        self.checkpoint_commits.append(batch)
-        self.committed.extend(batch)
-        self.pending.clear()
-        return self._joins.pop(0) if self._joins else None
-
-    def append(self, *messages: Message) -> None:
-        self.pending.extend(messages)
-
-    def emit(self, event: Any) -> None:
-        self.events.append(dict(event))
-
-    def conversation(self) -> list[Message]:
-        return [*self.committed, *self.pending]
-
-    async def wait(self, timeout: float) -> str:
-        self.log.append(f"wait:{timeout}")
-        tasks = [
-            asyncio.create_task(self.interrupt.wait()),
-            asyncio.create_task(self.cancelled.wait()),
-        ]
-        try:
-            await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-        if self.cancelled.is_set():
-            raise RunCancelled()
-        if self.interrupt.is_set():
-            self.interrupt.clear()
-            return "interrupted"
-        return "timeout"
-
-    async def guard(self, awaitable: Awaitable[T]) -> T:
-        work = asyncio.ensure_future(awaitable)
-        watcher = asyncio.create_task(self.cancelled.wait())
-        try:
-            await asyncio.wait([work, watcher], return_when=asyncio.FIRST_COMPLETED)
-            if work.done():
-                return work.result()
-            raise RunCancelled()
-        finally:
-            watcher.cancel()
-            if not work.done():
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
-
-
-class SpyModel(OfflineModel):
-    """An OfflineModel that logs each call and how many messages were committed by then."""
-
-    def __init__(self, script: Any, log: list[str], run: list[FakeRun]) -> None:
-        super().__init__(script)
-        self.log = log
-        self.run = run
-        self.requests: list[ModelRequest] = []
-
-    async def complete(self, request: ModelRequest, *, on_text: Any = None) -> ModelResponse:
-        self.requests.append(request)
-        self.log.append(f"model:committed={len(self.run[0].committed)}")
-        return await super().complete(request)
-
-
-def _prompt(text: str, input_id: InputId | None = None, **kw: Any) -> StagedInput:
-    ids = [input_id] if input_id is not None else []
-    return StagedInput(
-        boundary=RunApplyBoundary.RUN_START,
-        appends=[
-            ConversationAppend(
-                role=ConversationAppendRole.USER,
-                content=TextRenderable(text=text),
-                input_id=input_id,
-            )
-        ],
-        contributing_input_ids=ids,
-        **kw,
-    )
+_prompt = prompt
 
 
 def _harness(
-    primitive: StagedInput, script: Any = None, **run_kw: Any
+    primitive: StagedInput,
+    script: Any = None,
+    config: AgentConfig | None = None,
+    **run_kw: Any,
 ) -> tuple[AgentExecutor, FakeRun, SpyModel, list[str]]:
     log: list[str] = []
     holder: list[FakeRun] = []
     model = SpyModel(script, log, holder)
     run = FakeRun(primitive, log=log, **run_kw)
     holder.append(run)
-    return AgentExecutor(model=model), run, model, log
+    return AgentExecutor(config, model=model), run, model, log
 
 
 def _roles(messages: Sequence[Message]) -> list[str]:
@@ -195,7 +78,8 @@ async def test_boundary_committed_once_before_the_first_model_call() -> None:
     assert (result.turns, result.tool_calls) == (1, 0)
     assert result.usage.input_tokens == 1
     assert result.usage.output_tokens == len(result.text.split())
-    assert run.pending == [Message(role="assistant", content=result.text)]
+    # one model call: the assistant message carries exactly that call's usage
+    assert run.pending == [Message(role="assistant", content=result.text, usage=result.usage)]
 
 
 async def test_default_agent_uses_the_offline_model() -> None:
@@ -234,9 +118,19 @@ async def test_tool_calls_left_without_a_result_are_answered_at_the_boundary() -
     await agent.apply(run)
     assert run.boundary_deltas == [
         [
-            Message(role="tool", content=INTERRUPTED_TOOL_RESULT, tool_call_id="call_2", name="b"),
             Message(
-                role="tool", content=INTERRUPTED_TOOL_RESULT, tool_call_id="call_3", name="wait"
+                role="tool",
+                content=INTERRUPTED_TOOL_RESULT,
+                tool_call_id="call_2",
+                name="b",
+                is_error=True,
+            ),
+            Message(
+                role="tool",
+                content=INTERRUPTED_TOOL_RESULT,
+                tool_call_id="call_3",
+                name="wait",
+                is_error=True,
             ),
             Message(role="user", content="next"),
         ]
@@ -307,22 +201,25 @@ async def test_tool_then_text_message_sequence_with_a_checkpoint_between_calls()
     result = await agent.apply(run)
     assert log == ["boundary", "model:committed=1", "checkpoint", "model:committed=3"]
     call = ToolCall(id="call_0", name="lookup", arguments={"k": 1})
+    call_usage = Usage(input_tokens=1, output_tokens=2)  # "go" ; 1 + '{"k":1}'
+    answer_usage = Usage(input_tokens=2, output_tokens=1)  # "go" + "v=1" ; "done"
     assert run.checkpoint_commits == [
         [
-            Message(role="assistant", tool_calls=[call]),
+            Message(role="assistant", tool_calls=[call], usage=call_usage),
             Message(role="tool", content="v=1", tool_call_id="call_0", name="lookup"),
         ]
     ]
     assert run.conversation() == [
         Message(role="user", content="go"),
-        Message(role="assistant", tool_calls=[call]),
+        Message(role="assistant", tool_calls=[call], usage=call_usage),
         Message(role="tool", content="v=1", tool_call_id="call_0", name="lookup"),
-        Message(role="assistant", content="done"),
+        Message(role="assistant", content="done", usage=answer_usage),
     ]
     assert result is not None
     assert (result.text, result.turns, result.tool_calls) == ("done", 2, 1)
     assert model.requests[1].tools[0].name == "wait"
     # usage is the sum over both calls
+    assert result.usage == call_usage + answer_usage
     assert result.usage.input_tokens == 1 + 2  # "go" ; "go" + "v=1"
     assert result.usage.output_tokens == (1 + 1) + 1  # call: 1 + '{"k":1}' ; text: "done"
 
@@ -354,7 +251,12 @@ async def test_joined_inputs_from_a_checkpoint_are_appended_and_seen_by_the_next
     assert model.requests[1].messages[3:] == joined_messages
     assert result is not None
     assert result.text == 'offline model: you said "also this" (5 messages in the conversation)'
-    assert run.pending == [*joined_messages, Message(role="assistant", content=result.text)]
+    # 5 messages in: "start", the call, "ok", "also this", "ctx"
+    answer_usage = Usage(input_tokens=5, output_tokens=len(result.text.split()))
+    assert run.pending == [
+        *joined_messages,
+        Message(role="assistant", content=result.text, usage=answer_usage),
+    ]
 
 
 async def test_wait_step_returns_interrupted_when_the_run_is_interrupted() -> None:
@@ -382,7 +284,16 @@ async def test_wait_with_a_bad_timeout_returns_an_error_result_without_waiting()
     agent, run, _, log = _harness(_prompt("w"), [{"type": "tool", "name": "wait", "args": {}}])
     await agent.apply(run)
     assert not any(entry.startswith("wait:") for entry in log)
-    assert run.committed[2].content.startswith("error: wait needs")
+    assert run.committed[2] == Message(
+        role="tool",
+        content="error: invalid arguments for tool 'wait': it takes "
+        '{"timeout": <finite number of seconds, >= 0>}',
+        tool_call_id="call_0",
+        name="wait",
+        is_error=True,
+    )
+    completed = run.of_type("tool_execution_completed")
+    assert [(e["status"], e["is_error"]) for e in completed] == [("invalid_arguments", True)]
 
 
 # --- cancellation -----------------------------------------------------------------------------
@@ -406,7 +317,11 @@ async def test_cancel_during_a_long_tool_ends_apply_promptly() -> None:
         await agent.apply(run)
     assert time.monotonic() - started < 1.0
     assert "checkpoint" not in log
-    assert _roles(run.pending) == ["assistant"]  # the call, no result
+    # the call and its "cancelled" error result, never committed: the next boundary answers
+    # the call with INTERRUPTED_TOOL_RESULT if the runtime drops them with the run
+    assert _roles(run.pending) == ["assistant", "tool"]
+    assert (run.pending[1].content, run.pending[1].is_error) == ("cancelled", True)
+    assert run.of_type("tool_execution_cancelled")[0]["name"] == "slow"
 
 
 async def test_cancel_during_wait_raises_run_cancelled() -> None:
@@ -432,15 +347,20 @@ async def test_task_cancellation_propagates_as_cancelled_error() -> None:
 
 @pytest.mark.parametrize("permanent", [False, True])
 async def test_fail_step_raises_run_failure_after_the_boundary(permanent: bool) -> None:
+    # A transient error is retried inside the call (two attempts here), so it has to fail
+    # on every attempt to reach the runtime; a permanent one is not retried.
     agent, run, _, log = _harness(
         _prompt("x"),
-        [{"type": "fail", "error": "provider down", "permanent": permanent}],
+        [{"type": "fail", "error": "provider down", "permanent": permanent, "times": 2}],
+        AgentConfig(retry=RetryPolicy(max_attempts=2, base_delay=0.001)),
     )
     with pytest.raises(RunFailure) as info:
         await agent.apply(run)
-    assert str(info.value) == "provider down"
+    assert str(info.value) == "model 'offline' failed (scripted): provider down"
     assert info.value.permanent is permanent
-    assert log == ["boundary", "model:committed=1"]
+    calls = 1 if permanent else 2
+    assert log == ["boundary", *["model:committed=1"] * calls]
+    assert len(run.of_type("retrying")) == calls - 1
 
 
 async def test_before_boundary_fail_raises_before_commit_then_the_retry_succeeds() -> None:
@@ -464,13 +384,32 @@ async def test_before_boundary_fail_raises_before_commit_then_the_retry_succeeds
     assert result is not None and result.text == "finally"
 
 
-async def test_unknown_model_fails_permanently_before_the_boundary() -> None:
-    run = FakeRun(_prompt("x"))
+async def test_unknown_model_fails_permanently_before_the_boundary(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.delenv("RKAT_OPENAI_BASE_URL", raising=False)
+    unknown = (
+        "cannot tell which provider serves model 'mystery-9': give the provider "
+        "(offline, openai, anthropic), or set OPENAI_BASE_URL for an OpenAI-compatible server"
+    )
+    # in the session config: refused at construction
+    with pytest.raises(ValueError) as config_info:
+        AgentConfig(model="mystery-9")
+    assert str(config_info.value) == unknown
+    # as a run's override: a permanent failure before anything durable happens
+    run = FakeRun(_prompt("x", turn_metadata=RuntimeTurnMetadata(model="mystery-9")))
     with pytest.raises(RunFailure) as info:
-        await AgentExecutor(AgentConfig(model="gpt-9")).apply(run)
-    assert str(info.value) == "unknown model 'gpt-9'; this build has: offline"
+        await AgentExecutor().apply(run)
+    assert str(info.value) == unknown
     assert info.value.permanent is True
     assert run.boundary_deltas == []
+    assert run.events == []
+    bad_provider = FakeRun(_prompt("x", turn_metadata=RuntimeTurnMetadata(provider="nope")))
+    with pytest.raises(RunFailure, match="unknown provider 'nope'") as provider_info:
+        await AgentExecutor().apply(bad_provider)
+    assert provider_info.value.permanent is True
+    assert bad_provider.boundary_deltas == []
 
 
 async def test_turn_metadata_overrides_model_and_system_prompt() -> None:
@@ -480,7 +419,7 @@ async def test_turn_metadata_overrides_model_and_system_prompt() -> None:
     await agent.apply(run)
     assert (model.requests[0].system_prompt, model.requests[0].max_tokens) == ("terse", 7)
     other = FakeRun(_prompt("x", turn_metadata=RuntimeTurnMetadata(model="big")))
-    with pytest.raises(RunFailure, match="unknown model 'big'"):
+    with pytest.raises(RunFailure, match="cannot tell which provider serves model 'big'"):
         await agent.apply(other)
     assert other.boundary_deltas == []
 
@@ -495,7 +434,9 @@ async def test_max_turns_exceeded_is_a_permanent_failure() -> None:
     with pytest.raises(RunFailure) as info:
         await agent.apply(run)
     assert info.value.permanent is True
-    assert "max turns exceeded" in str(info.value)
+    assert str(info.value) == (
+        "budget exhausted: turns limit 3 reached (used 3) before a final answer"
+    )
     assert len(model.requests) == 3
     assert log.count("checkpoint") == 3
 

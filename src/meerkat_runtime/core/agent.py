@@ -242,7 +242,9 @@ def _wait_timeout(arguments: dict[str, Any]) -> float | None:
 
 
 def _ms(seconds: float) -> int:
-    return int(seconds * 1000)
+    # round, not int: int(1.001 * 1000) == 1000 (binary floats), so a server's retry_after
+    # of 1.001 s would be reported as 1000 ms.
+    return round(seconds * 1000)
 
 
 class _Budget:
@@ -465,10 +467,10 @@ class AgentExecutor:
             run.emit(ev.turn_started(turn))
             response = await self._call_model(run, model, settings, budget)
             usage = usage + response.usage
-            run.emit(ev.turn_completed(response.stop_reason, response.usage))
             text = response.text or ""
             if text:
                 run.emit(ev.text_complete(text))
+            run.emit(ev.turn_completed(response.stop_reason, response.usage))
             if not response.tool_calls:
                 run.append(Message(role="assistant", content=text, usage=response.usage))
                 structured: Any = None

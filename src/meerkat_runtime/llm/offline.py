@@ -114,7 +114,8 @@ class WaitStep(_Step):
 
 
 class FailStep(_Step):
-    """A failing call: ``ModelError(error, transient=not permanent)``, ``times`` times."""
+    """A failing call: ``ModelError(error, transient=not permanent)`` of kind ``scripted``,
+    ``times`` times."""
 
     type: Literal["fail"]
     error: str = "offline model: scripted failure"
@@ -319,7 +320,7 @@ class OfflineModel:
             await asyncio.sleep(step.delay)
         key = (session_id, index)
         self._failures[key] = self._failures.get(key, 0) + 1
-        raise ModelError(step.error, transient=not step.permanent)
+        raise ModelError(step.error, transient=not step.permanent, kind="scripted")
 
     def _respond(self, step: _AnswerStep, cursor: int, request: ModelRequest) -> ModelResponse:
         input_tokens = _input_tokens(request)
