@@ -82,7 +82,9 @@ class FakeRun:
             message_count=len(self.committed),
         )
 
-    async def checkpoint(self, delta: Sequence[Message] = ()) -> StagedRunInput | None:
+    async def checkpoint(
+        self, delta: Sequence[Message] = (), *, keep_interrupt: bool = False
+    ) -> StagedRunInput | None:
         self.log.append("checkpoint")
         batch = [*self.pending, *delta]
         self.checkpoint_commits.append(batch)

@@ -9,7 +9,9 @@ holding the JSON) runs a small, deterministic workload against a SQLite runtime:
    wake the runtime or are held), a projection rebuilder (S13) and a small ``RuntimeConfig``
    (fast backoff, short grace);
 2. creates the spec's sessions if missing (fixed ids; each with its offline script, so runs
-   pass boundaries, checkpoints and completions);
+   pass boundaries, checkpoints and completions); every session's agent has the real tools
+   ``lookup`` and ``lookup_sync`` (``crash_tools``), which log each execution to the
+   side-effect log (``tool_log``) before they do anything else;
 3. accepts the spec's inputs in a fixed order, each with the idempotency key
    ``crashtest:<session>:<index>``, so a restarted child re-submits them safely and is answered
    ``deduplicated{existing_id}``;
@@ -41,12 +43,20 @@ finishes, and checks, from the database and the child's files:
 (c) every waiter resolved: the restarted child wrote an outcome for every acknowledged input,
     none ``terminated`` or timed out, each the one S12 derives from the stored state and run
     (an absent ephemeral input answers ``not_found``);
-(d) no terminal state changed between a snapshot taken after a kill and the end.
+(d) no terminal state changed between a snapshot taken after a kill and the end;
+(e) no tool call was executed twice: the child's tools (``lookup``, ``lookup_sync``, see
+    ``crash_tools``) append each execution to a side-effect log (``fsync``-ed before the
+    tool goes on), and over every process of the trial each (session, call id) appears in it
+    at most once; a call answered by a committed result other than the synthetic
+    ``interrupted, not re-run`` appears exactly once, one answered by the synthetic result
+    at most once (it may have run before the crash, its result lost), and every logged
+    execution belongs to a tool call committed in its session's conversation (S6).
 
 The workload (``_workload``): two sessions, each with two or three durable prompts and, at
 random, an ephemeral prompt, a derived projected input, a peer message, progress responses
-and a system notice; each session's script makes every run call a tool (a checkpoint) before
-answering, and now and then fails transiently before or after the boundary (S4, S5).
+and a system notice; each session's script makes every run call a real tool (``lookup`` or
+``lookup_sync``, now and then both in parallel; a checkpoint) before answering, and now and
+then fails transiently before or after the boundary (S4, S5).
 
 ``recovery.after`` is only passed by a recovery that had something to reconcile, so its trials
 first kill the child at another point (a *setup* kill), then arm ``recovery.after`` for the
@@ -83,7 +93,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,10 +103,12 @@ from . import _crash, _ids
 from ._crash import POINTS as CRASH_POINTS
 from ._ids import InputId, RunId
 from ._json import canonical_bytes
-from .core.agent import AgentConfig, AgentExecutor
-from .core.lifecycle import CoreExecutor, RunResult
+from .core.agent import INTERRUPTED_TOOL_RESULT, AgentConfig, AgentExecutor
+from .core.lifecycle import CoreExecutor, RunResult, ToolCall
+from .core.tools import ToolContext, ToolRegistry
 from .errors import InputNotFoundError, SessionNotFoundError
 from .host import Runtime
+from .llm.offline import OfflineModel, ToolBehaviour
 from .runtime.driver import Rebuilders, RuntimeConfig
 from .runtime.input_state import InputState, ProjectionSource
 from .runtime.inputs import (
@@ -118,6 +130,7 @@ from .store.sqlite import SqliteStore
 __all__ = [
     "CRASH_POINTS",
     "KILL_POINTS",
+    "KIT_TOOLS",
     "RANDOM",
     "Ack",
     "ChildRun",
@@ -128,6 +141,7 @@ __all__ = [
     "Launcher",
     "PointStats",
     "SessionSpec",
+    "ToolExecution",
     "TrialResult",
     "Violation",
     "Zygote",
@@ -135,12 +149,14 @@ __all__ = [
     "child_main",
     "crash_policy",
     "crash_rebuilders",
+    "crash_tools",
     "idempotency_key",
     "input_for",
     "read_acks",
     "read_db",
     "read_outcomes",
     "read_reports",
+    "read_tool_log",
     "run_child",
     "run_crashtest",
     "terminal_snapshot",
@@ -152,6 +168,9 @@ RANDOM = "random"
 KILL_POINTS: tuple[str, ...] = (*CRASH_POINTS, RANDOM)
 RULE_ID = "crashtest.projection"
 """The projection rule id of the workload's derived inputs (rebuilt by ``crash_rebuilders``)."""
+
+KIT_TOOLS: tuple[str, ...] = ("lookup", "lookup_sync")
+"""The child's real tools (``crash_tools``): every execution of one is in the side-effect log."""
 
 Launcher = Literal["fork", "spawn"]
 
@@ -190,7 +209,8 @@ class ChildSpec:
     once, ``None`` gives every process its own id, so a restarted child waits for the dead
     one's lease to expire (``lease_ttl``) and meanwhile accepts through the inbox (S10).
     ``derived_policy``: projected inputs wake the runtime (``wake``) or wait in the queue for
-    a run something else starts (``hold``).
+    a run something else starts (``hold``). ``tool_log``: the side-effect log of the child's
+    tools (``read_tool_log``), shared by every process of a trial.
     """
 
     db: str
@@ -208,11 +228,13 @@ class ChildSpec:
     max_attempts: int = 3
     shutdown_grace: float = 1.0
     accept_gap: float = 0.0
+    tool_log: str = ""  # the side-effect log; "" = ``tools.jsonl`` next to the database
 
     @classmethod
     def in_dir(cls, directory: Path, sessions: list[SessionSpec], **options: Any) -> ChildSpec:
         """A spec whose database and files live in ``directory``."""
         d = directory.absolute()
+        options.setdefault("tool_log", str(d / "tools.jsonl"))
         return cls(
             db=str(d / "crash.db"),
             ack_log=str(d / "acks.jsonl"),
@@ -221,6 +243,11 @@ class ChildSpec:
             sessions=sessions,
             **options,
         )
+
+    @property
+    def tool_log_path(self) -> Path:
+        """Where the child's tools log their executions (see ``read_tool_log``)."""
+        return Path(self.tool_log) if self.tool_log else Path(self.db).with_name("tools.jsonl")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -338,6 +365,39 @@ def read_acks(path: Path | str) -> list[Ack]:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class ToolExecution:
+    """One line of the side-effect log: a kit tool (``lookup`` / ``lookup_sync``) started
+    executing ``call_id`` of ``session`` in process ``pid``. The tool writes and ``fsync``-s
+    the line before it does anything else, so an execution is on disk even if the process is
+    killed right after it started."""
+
+    session: str
+    call_id: str
+    tool: str
+    pid: int
+
+
+def read_tool_log(path: Path | str) -> list[ToolExecution]:
+    """The side-effect log's lines in order, over every process of a trial. A torn last line
+    (killed mid-write) is skipped: the tool had not yet done anything past logging."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    out: list[ToolExecution] = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            doc = json.loads(line)
+            out.append(
+                ToolExecution(
+                    str(doc["session"]), str(doc["call_id"]), str(doc["tool"]), int(doc["pid"])
+                )
+            )
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
 def read_outcomes(path: Path | str) -> dict[str, dict[str, Any]] | None:
     """Input id -> waiter outcome document, or None if the file is missing."""
     p = Path(path)
@@ -386,15 +446,73 @@ def child_main(spec: ChildSpec) -> int:
     return asyncio.run(_child(spec))
 
 
+def crash_tools(
+    scripts: Mapping[str, Sequence[dict[str, Any]]], tool_log: Path | str
+) -> ToolRegistry:
+    """The child's real application tools, ``lookup`` (async) and ``lookup_sync`` (run on
+    the agent's tool threads), each with a ``q: int`` argument. Each execution first appends
+    one line ``{"session", "call_id", "tool", "pid"}`` to ``tool_log`` (one ``write``,
+    ``fsync``-ed before the tool goes on), then takes the duration its session's offline
+    script (``scripts[session id]``) gives the call and returns the scripted result. So the
+    log holds every execution of every process, including one killed while its tool ran."""
+    # offline models only for ``tool_behaviour``: a pure lookup by call id
+    behaviours = {sid: OfflineModel(script) for sid, script in scripts.items()}
+    path = str(tool_log)
+
+    def started(context: ToolContext, name: str) -> ToolBehaviour:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            _append_durably(
+                fd,
+                {
+                    "session": context.session_id,
+                    "call_id": context.call_id,
+                    "tool": name,
+                    "pid": os.getpid(),
+                },
+            )
+        finally:
+            os.close(fd)
+        model = behaviours.get(context.session_id)
+        if model is None:
+            return ToolBehaviour(0.0, "ok")
+        return model.tool_behaviour(ToolCall(id=context.call_id, name=name))
+
+    async def lookup(q: int, context: ToolContext) -> str:
+        """Look ``q`` up (the crash kit's async tool: logs its execution, then takes the
+        scripted time)."""
+        found = started(context, "lookup")
+        await asyncio.sleep(found.duration)
+        return found.result
+
+    def lookup_sync(q: int, context: ToolContext) -> str:
+        """Look ``q`` up (the crash kit's sync tool, run on a tool thread)."""
+        found = started(context, "lookup_sync")
+        time.sleep(found.duration)
+        return found.result
+
+    registry = ToolRegistry()
+    registry.register(lookup)
+    registry.register(lookup_sync)
+    return registry
+
+
 async def _child(spec: ChildSpec) -> int:
     scripts = {s.id: s.script for s in spec.sessions}
+    # every session's agent gets them: the one create_session builds (through the Runtime)
+    # and the executor factory's
+    tools = crash_tools(scripts, spec.tool_log_path)
 
     def executor_factory(record: SessionRecord) -> CoreExecutor | None:
         # the spec's script wins over the stored one, so a restart may change timings
         script = scripts.get(record.session_id)
         if script is None:
             return None
-        return AgentExecutor(AgentConfig(offline_script=script), session_id=record.session_id)
+        return AgentExecutor(
+            AgentConfig(offline_script=script),
+            session_id=record.session_id,
+            tools=tools,
+        )
 
     config = RuntimeConfig(
         max_attempts=spec.max_attempts,
@@ -411,6 +529,7 @@ async def _child(spec: ChildSpec) -> int:
         lease_ttl=spec.lease_ttl,
         poll_interval=spec.poll_interval,
         owner_id=spec.owner_id,
+        tools=tools,
     )
     # every id acknowledged to any process of this trial is waited for (S12: also after a
     # restart); dict keeps first-ack order
@@ -790,13 +909,15 @@ def run_child(
     crash_at: str | None = None,
     *,
     kill_after: float | None = None,
+    kill_when: Callable[[], bool] | None = None,
     timeout: float = 60.0,
     launcher: Launcher = "spawn",
     log_name: str = "child.log",
 ) -> ChildRun:
     """Run one child to its end: armed with ``crash_at`` (``point:n``), killed by the parent
-    with SIGKILL after ``kill_after`` seconds, or neither; a child still running after
-    ``timeout`` is killed and reported ``hung``."""
+    with SIGKILL after ``kill_after`` seconds, or as soon as ``kill_when()`` (polled about
+    every millisecond, e.g. on the side-effect log) is true, or none of these; a child still
+    running after ``timeout`` is killed and reported ``hung``."""
     log_path = Path(spec.db).with_name(log_name)
     start = time.monotonic()
     child = _launch(spec, crash_at, launcher, log_path)
@@ -807,6 +928,13 @@ def run_child(
         if code is None:
             child.kill()
             parent_killed = True
+    elif kill_when is not None:
+        while code is None and time.monotonic() - start < timeout:
+            if kill_when():
+                child.kill()
+                parent_killed = True
+                break
+            code = child.wait(0.001)
     if code is None:
         code = child.wait(timeout)
     if code is None:
@@ -1002,14 +1130,48 @@ def _chain_ok(rows: list[StoredRow]) -> str | None:
     return None
 
 
+def _check_tool_log(db: DbView, log: Sequence[ToolExecution]) -> list[str]:
+    """(e): the side-effect log against the committed conversations."""
+    out: list[str] = []
+    executed = Counter((e.session, e.call_id) for e in log)
+    for (sid, cid), n in sorted(executed.items()):
+        if n > 1:
+            pids = sorted({e.pid for e in log if (e.session, e.call_id) == (sid, cid)})
+            out.append(f"(e) tool call {cid} of {sid} was executed {n} times (by processes {pids})")
+    calls: dict[tuple[str, str], str] = {}
+    for r in db.rows:
+        if r.message.get("role") == "assistant":
+            for call in r.message.get("tool_calls", []):
+                calls[(r.runtime_id, str(call.get("id")))] = str(call.get("name"))
+    for r in db.rows:
+        if r.message.get("role") != "tool":
+            continue
+        key = (r.runtime_id, str(r.message.get("tool_call_id")))
+        if calls.get(key, r.message.get("name")) not in KIT_TOOLS:
+            continue
+        n = executed.get(key, 0)
+        if r.message.get("content") != INTERRUPTED_TOOL_RESULT and n != 1:
+            out.append(
+                f"(e) tool call {key[1]} of {key[0]} has a committed result but was executed "
+                f"{n} times"
+            )
+    for sid, cid in sorted(executed.keys() - calls.keys()):
+        out.append(
+            f"(e) tool call {cid} of {sid} was executed but its call was never committed "
+            "(a tool must not run before its call is durable, or a crash runs it again)"
+        )
+    return out
+
+
 def check_invariants(
     db: DbView,
     acks: Sequence[Ack],
     outcomes: dict[str, dict[str, Any]] | None,
     snapshots: Iterable[dict[str, str]] = (),
+    tool_log: Sequence[ToolExecution] | None = None,
 ) -> list[str]:
-    """The violations of (a)-(d) (see the module docstring), one message each; empty when
-    every invariant holds."""
+    """The violations of (a)-(e) (see the module docstring), one message each; empty when
+    every invariant holds. (e) is checked only when the side-effect log is given."""
     out: list[str] = []
     first: dict[str, Ack] = {}
     for a in acks:
@@ -1106,6 +1268,9 @@ def check_invariants(
                     f"(d) terminal input {iid} changed after the crash: "
                     f"{json.loads(before).get('current_state')} -> {now.current_state}"
                 )
+    # (e) tool side effects: no tool call executed twice
+    if tool_log is not None:
+        out.extend(_check_tool_log(db, tool_log))
     return out
 
 
@@ -1113,9 +1278,9 @@ def check_invariants(
 
 
 def _script(rng: random.Random, runs: int) -> list[dict[str, Any]]:
-    """A tool call then a text answer per run (so every run passes its boundary, a
-    checkpoint and its completion), now and then a transient scripted failure (before the
-    boundary, S4, or after it, S5)."""
+    """A tool call (``lookup`` and ``lookup_sync`` in turn, now and then both at once) then a
+    text answer per run (so every run passes its boundary, a checkpoint and its completion),
+    now and then a transient scripted failure (before the boundary, S4, or after it, S5)."""
     steps: list[dict[str, Any]] = []
     for i in range(runs + 1):
         if rng.random() < 0.12:
@@ -1126,15 +1291,17 @@ def _script(rng: random.Random, runs: int) -> list[dict[str, Any]]:
                     "phase": rng.choice(["model", "before_boundary"]),
                 }
             )
-        steps.append(
-            {
-                "type": "tool",
-                "name": "crash_tool",
-                "args": {"n": i},
-                "duration": round(rng.uniform(0.001, 0.01), 4),
-                "result": f"tool result {i}",
-            }
-        )
+        call = {
+            "name": KIT_TOOLS[i % 2],
+            "args": {"q": i},
+            "duration": round(rng.uniform(0.001, 0.01), 4),
+            "result": f"tool result {i}",
+        }
+        if rng.random() < 0.2:  # a batch: both tools at once
+            other = dict(call, name=KIT_TOOLS[(i + 1) % 2], result=f"tool result {i}b")
+            steps.append({"type": "tools", "calls": [call, other]})
+        else:
+            steps.append({"type": "tool", **call})
         steps.append({"type": "text", "text": f"answer {i}"})
     return steps
 
@@ -1331,7 +1498,11 @@ def _trial(
         violations.append(f"(c) the restarted child {what}; log:\n{final.log_tail()}")
     acks = read_acks(spec.ack_log)
     db = read_db(spec.db)
-    violations.extend(check_invariants(db, acks, read_outcomes(spec.outcomes), snapshots))
+    violations.extend(
+        check_invariants(
+            db, acks, read_outcomes(spec.outcomes), snapshots, read_tool_log(spec.tool_log_path)
+        )
+    )
     for a in {a.input_id: a for a in acks}.values():
         if a.durability == "ephemeral" and db.inputs.get(a.input_id) is None:
             notes.append("ephemeral input lost before any commit")

@@ -38,8 +38,8 @@ from .core.lifecycle import CoreExecutor, Message, RuntimeTurnMetadata
 from .core.tools import ToolRegistry
 from .errors import (
     InputNotFoundError,
-    InvalidArgumentError,
     InputRejectedError,
+    InvalidArgumentError,
     InvalidOperationError,
     RuntimeClosedError,
     SessionNotFoundError,
@@ -541,6 +541,12 @@ class Runtime:
             raise SessionNotFoundError(session_id)
         return rt
 
+    async def load(self, session_id: str) -> SessionRuntime | None:
+        """This process's runtime for the session, taking its lease and recovering it on
+        first use (S7, S10); ``None`` while another live process owns it. Raises
+        ``SessionNotFoundError`` for an unknown session."""
+        return await self._owned(session_id)
+
     async def _owned(self, session_id: str) -> SessionRuntime | None:
         """This process's runtime for the session, taking the lease and recovering it from
         the store on first use (S7, S10); None while another live process owns it."""
@@ -877,7 +883,7 @@ class Runtime:
         kept yields one ``events_gap`` first (S15)."""
         rt = await self._owned(session_id)
         seq = after_seq
-        if rt is None or rt.events_after(seq)[0] is not None:
+        if rt is None or _needs_store(rt, seq):
             # read what the in-memory ring no longer holds from the store
             first = await self.store.first_event_seq(session_id)
             if first is not None and seq + 1 < first:
@@ -922,6 +928,14 @@ class Runtime:
             if not follow:
                 return
             await signal.wait()
+
+
+def _needs_store(rt: SessionRuntime, after_seq: int) -> bool:
+    """Whether events after ``after_seq`` must be read from the store: the in-memory ring no
+    longer holds the next one (pruned from it), or holds nothing at all while earlier events
+    exist (a recovered runtime starts with an empty ring; what came before is in the store)."""
+    gap, evs = rt.events_after(after_seq)
+    return gap is not None or (not evs and after_seq < rt.last_seq)
 
 
 def _gap(session_id: str, start: int, end: int) -> RuntimeEventEnvelope:

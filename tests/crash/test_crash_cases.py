@@ -5,7 +5,9 @@ fresh interpreter) on its own SQLite file, armed with ``MEERKAT_CRASH_AT=point:n
 SIGKILLs itself at the named point; asserts it died of SIGKILL (returncode -9); restarts it
 unarmed so it recovers (S7) and finishes; then checks the case's own assertions and the kit's
 invariants (``check_invariants``): no acknowledged durable input lost, nothing applied twice,
-every waiter resolved, no terminal state changed after the crash.
+every waiter resolved, no terminal state changed after the crash, no tool call executed twice
+(the child's ``lookup`` / ``lookup_sync`` tools are real registered tools that log every
+execution, ``fsync``-ed, to a side-effect log before they go on).
 
 After the cases: regression tests for bugs the kit found, a test that the kit's checker flags
 each kind of violation, and the kit itself. These run their children forked by the kit's
@@ -23,6 +25,8 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,7 @@ from typing import Any
 import pytest
 
 from meerkat_runtime import PromptInput, Runtime
+from meerkat_runtime.core.agent import INTERRUPTED_TOOL_RESULT
 from meerkat_runtime.crashtest import (
     CRASH_POINTS,
     KILL_POINTS,
@@ -40,11 +45,13 @@ from meerkat_runtime.crashtest import (
     InputSpec,
     Launcher,
     SessionSpec,
+    ToolExecution,
     check_invariants,
     read_acks,
     read_db,
     read_outcomes,
     read_reports,
+    read_tool_log,
     run_child,
     run_crashtest,
     terminal_snapshot,
@@ -52,7 +59,7 @@ from meerkat_runtime.crashtest import (
 from meerkat_runtime.runtime.outcomes import Accepted
 
 SID = "crash-session"
-FAST = [
+FAST: list[dict[str, Any]] = [
     {"type": "tool", "name": "lookup", "args": {"q": 1}, "duration": 0.01, "result": "42"},
     {"type": "text", "text": "the answer is 42"},
     {"type": "tool", "name": "lookup", "args": {"q": 2}, "duration": 0.01, "result": "43"},
@@ -61,6 +68,36 @@ FAST = [
     {"type": "text", "text": "the answer is 44"},
 ]
 SIGKILL_RC = -9
+
+AGENT_RERUNS_INTERRUPTED_TOOLS = False
+"""Known S6 bug in ``core/agent.py``: a turn's tool calls are committed only together with
+their results (at the checkpoint after the tools ran), so a process killed while a tool runs,
+or after it ran but before that checkpoint, leaves no trace of the call; the restarted run
+makes the same call again and the tool runs twice. The kit's invariant (e) reports it. While
+this is True, the tests tolerate exactly those (e) violations (with a warning) and
+``test_crash_while_a_tool_runs`` xfails after checking the tool did run twice; once the agent
+commits the calls before running them that test fails, saying to set this to False."""
+
+
+def _rerun_violation(message: str) -> bool:
+    """One of the (e) violations the known bug causes: a tool call run twice, or run but its
+    call never committed (the restart did not make it again)."""
+    return message.startswith("(e)") and (
+        "executed 0 times" not in message
+        and ("times" in message or "was never committed" in message)
+    )
+
+
+def _unexpected(problems: list[str]) -> list[str]:
+    """``problems`` without the known bug's (e) violations while it is known (warned about)."""
+    if not AGENT_RERUNS_INTERRUPTED_TOOLS:
+        return problems
+    known = [p for p in problems if _rerun_violation(p)]
+    if known:
+        warnings.warn(
+            f"known S6 bug tolerated ({len(known)} violation(s)): {known[0]}", stacklevel=3
+        )
+    return [p for p in problems if not _rerun_violation(p)]
 
 
 def _spec(tmp_path: Path, inputs: list[InputSpec], script: Any = None, **opts: Any) -> ChildSpec:
@@ -88,10 +125,36 @@ def _finished(
 def _invariants(spec: ChildSpec, snapshots: list[dict[str, str]]) -> DbView:
     db = read_db(spec.db)
     problems = check_invariants(
-        db, read_acks(spec.ack_log), read_outcomes(spec.outcomes), snapshots
+        db,
+        read_acks(spec.ack_log),
+        read_outcomes(spec.outcomes),
+        snapshots,
+        read_tool_log(spec.tool_log_path),
     )
+    problems = _unexpected(problems)
     assert problems == [], "\n".join(problems)
     return db
+
+
+def _executions(spec: ChildSpec) -> Counter[str]:
+    """Call id -> how many times a tool executed it (the side-effect log, every process)."""
+    return Counter(e.call_id for e in read_tool_log(spec.tool_log_path) if e.session == SID)
+
+
+def _with_tool(script: list[dict[str, Any]], name: str, **changes: Any) -> list[dict[str, Any]]:
+    """``script`` with every tool step calling ``name`` (and ``changes`` applied)."""
+    return [dict(s, name=name, **changes) if s["type"] == "tool" else s for s in script]
+
+
+@pytest.fixture(scope="module")
+def result_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> int:
+    """Which ``checkpoint.*`` pass of a run making one tool call commits the call's result:
+    the run's last checkpoint (1 when the agent commits a turn's calls with their results, 2
+    when it commits the calls at a checkpoint of their own before running them)."""
+    spec = _spec(tmp_path_factory.mktemp("probe"), [InputSpec("prompt")], FAST[:2])
+    _finished(spec, launcher="fork")
+    codes = [(e["event"].get("data") or {}).get("code") for e in read_db(spec.db).events]
+    return codes.count("checkpoint")
 
 
 def _doc(db: DbView, input_id: str) -> dict[str, Any]:
@@ -184,18 +247,23 @@ def test_conformance_12_crash_while_staged(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("point", ["boundary.after", "checkpoint.after"])
-def test_conformance_13_crash_while_applied_pending_consumption(tmp_path: Path, point: str) -> None:
-    """Killed after the boundary (or the first checkpoint, with the tool call and its result)
-    committed: the input stays applied (S5), the restart runs a continuation, the user message
-    is never appended again and a committed tool call is never run again (S6)."""
+def test_conformance_13_crash_while_applied_pending_consumption(
+    tmp_path: Path, point: str, result_checkpoint: int
+) -> None:
+    """Killed after the boundary (or the checkpoint that committed the tool call and its
+    result) committed: the input stays applied (S5), the restart runs a continuation, the user
+    message is never appended again and a committed tool call is never run again (S6): the
+    side-effect log shows ``lookup`` ran call_0 exactly once, before the crash or after it."""
     spec = _spec(tmp_path, [InputSpec("prompt")])
-    _killed(spec, f"{point}:1")
+    after_result = point == "checkpoint.after"
+    _killed(spec, f"{point}:{result_checkpoint if after_result else 1}")
     first = read_db(spec.db)
     (iid,) = first.inputs
     assert first.inputs[iid].current_state == "applied_pending_consumption"
     assert _user_rows(first, iid) == 1
     committed_tools = set(first.tool_results(SID))
-    assert committed_tools == ({"call_0"} if point == "checkpoint.after" else set())
+    assert committed_tools == ({"call_0"} if after_result else set())
+    assert _executions(spec) == (Counter(call_0=1) if after_result else Counter())
     snap = terminal_snapshot(spec.db)
     _finished(spec)
     db = _invariants(spec, [snap])
@@ -203,6 +271,7 @@ def test_conformance_13_crash_while_applied_pending_consumption(tmp_path: Path, 
     assert _user_rows(db, iid) == 1
     _assert_no_tool_rerun(db)
     assert set(db.tool_results(SID)) == {"call_0"}  # run exactly once, before or after
+    assert _executions(spec) == Counter(call_0=1)
     continuations = [r for r in db.runs.values() if r.is_continuation]
     assert [r.status for r in continuations] == ["completed"]
     (report,) = read_reports(spec.report)
@@ -216,14 +285,16 @@ def test_conformance_13_crash_while_applied_pending_consumption(tmp_path: Path, 
 
 
 def test_conformance_14_repeated_failures_while_applied_pending_consumption(
-    tmp_path: Path,
+    tmp_path: Path, result_checkpoint: int
 ) -> None:
-    """Killed after the first checkpoint (tool result committed), then killed again at the
-    boundary of every continuation: each recovery counts an attempt (S4), so the third restart
-    abandons the input ``retry_budget_exceeded`` instead of looping forever; its user message
-    and its tool call were written once and never again."""
-    spec = _spec(tmp_path, [InputSpec("prompt")])
-    _killed(spec, "checkpoint.after:1")
+    """Killed after the checkpoint that committed the tool result (the sync tool
+    ``lookup_sync``, run on a tool thread), then killed again at the boundary of every
+    continuation: each recovery counts an attempt (S4), so the third restart abandons the
+    input ``retry_budget_exceeded`` instead of looping forever; its user message and its tool
+    call were written once and never again, and the tool executed once in all."""
+    spec = _spec(tmp_path, [InputSpec("prompt")], _with_tool(FAST, "lookup_sync"))
+    _killed(spec, f"checkpoint.after:{result_checkpoint}")
+    assert _executions(spec) == Counter(call_0=1)
     snapshots = [terminal_snapshot(spec.db)]
     iid = next(iter(read_db(spec.db).inputs))
     attempts = []
@@ -245,8 +316,48 @@ def test_conformance_14_repeated_failures_while_applied_pending_consumption(
     assert _user_rows(db, iid) == 1
     _assert_no_tool_rerun(db)
     assert set(db.tool_results(SID)) == {"call_0"}
+    assert _executions(spec) == Counter(call_0=1)
+    assert {e.tool for e in read_tool_log(spec.tool_log_path)} == {"lookup_sync"}
     out = _outcome(spec, iid)
     assert (out["outcome_type"], out["reason"]) == ("abandoned", "retry_budget_exceeded")
+
+
+# ------------------------------------------------------------- crash while a tool runs
+
+
+@pytest.mark.parametrize("tool", ["lookup", "lookup_sync"])
+def test_crash_while_a_tool_runs(tmp_path: Path, tool: str) -> None:
+    """The parent kills the process as soon as the side-effect log shows the tool started
+    call_0 (it would run 30 s). The restart does not run it again (S6): the call is answered
+    with the synthetic ``interrupted, not re-run`` result, the model goes on to its next
+    answer, the run completes and call_0 is in the side-effect log exactly once."""
+    spec = _spec(tmp_path, [InputSpec("prompt")], _with_tool(FAST, tool, duration=30.0))
+    run = run_child(spec, kill_when=lambda: "call_0" in _executions(spec), timeout=60.0)
+    assert run.parent_killed and run.returncode == SIGKILL_RC, run.log_tail()
+    assert _executions(spec) == Counter(call_0=1)
+    first = read_db(spec.db)
+    (iid,) = first.inputs
+    assert first.inputs[iid].current_state == "applied_pending_consumption"
+    assert "call_0" not in first.tool_results(SID)  # killed before its result was committed
+    snap = terminal_snapshot(spec.db)
+    spec.sessions[0].script = _with_tool(FAST, tool)  # were it run again, it would be quick
+    _finished(spec)
+    if AGENT_RERUNS_INTERRUPTED_TOOLS:
+        assert _executions(spec) == Counter(call_0=2), (
+            "the tool was not run again: the agent is fixed, set "
+            "AGENT_RERUNS_INTERRUPTED_TOOLS to False"
+        )
+        pytest.xfail("known S6 bug: the agent commits a tool call only with its result")
+    db = _invariants(spec, [snap])
+    assert _executions(spec) == Counter(call_0=1)
+    (result,) = [r.message for r in db.rows if r.message.get("tool_call_id") == "call_0"]
+    assert (result["content"], result.get("is_error")) == (INTERRUPTED_TOOL_RESULT, True)
+    _assert_no_tool_rerun(db)
+    assert db.inputs[iid].current_state == "consumed"
+    assert _user_rows(db, iid) == 1
+    out = _outcome(spec, iid)
+    assert out["outcome_type"] == "completed"
+    assert out["result"]["text"] == "the answer is 42"  # the model went on past the call
 
 
 # ------------------------------------------------------------------------------ case 15
@@ -409,9 +520,11 @@ def test_crashtest_kit_short_run(kit_dir: Path) -> None:
     started = time.monotonic()
     report = run_crashtest(KIT_KILLS, seed=20261126, workdir=kit_dir, jobs=3)
     elapsed = time.monotonic() - started
-    assert report.ok, "\n\n".join(
+    unexpected = _unexpected([v.message for v in report.violations])
+    assert unexpected == [], "\n\n".join(
         f"trial {v.trial} ({v.crash_at}, kept in {v.directory}): {v.message}"
-        for v in report.violations[:10]
+        for v in report.violations
+        if v.message in unexpected
     )
     assert set(report.points) == set(KILL_POINTS) == {*CRASH_POINTS, RANDOM}
     for stats in report.points.values():
@@ -459,11 +572,17 @@ def test_check_invariants_flags_each_kind_of_violation(tmp_path: Path) -> None:
     assert outcomes is not None
     clean = read_db(spec.db)
     snap = clean.terminal_states()
-    assert check_invariants(clean, acks, outcomes, [snap]) == []
+    log = read_tool_log(spec.tool_log_path)
+    assert [e.call_id for e in log] == sorted(clean.tool_results(SID)) and len(log) == 3
+    assert check_invariants(clean, acks, outcomes, [snap], log) == []
     p0 = acks[0].input_id
 
-    def flagged(db: DbView, outs: dict[str, Any] | None = outcomes) -> list[str]:
-        return [v[:3] for v in check_invariants(db, acks, outs, [snap])]
+    def flagged(
+        db: DbView,
+        outs: dict[str, Any] | None = outcomes,
+        tools: list[ToolExecution] = log,
+    ) -> list[str]:
+        return [v[:3] for v in check_invariants(db, acks, outs, [snap], tools)]
 
     lost = read_db(spec.db)
     del lost.inputs[p0]
@@ -490,3 +609,17 @@ def test_check_invariants_flags_each_kind_of_violation(tmp_path: Path) -> None:
         '"attempt_count":0', '"attempt_count":1'
     )
     assert flagged(changed) == ["(d)"]
+    # (e) the side-effect log: a tool call executed twice (once per process, say)...
+    again = ToolExecution(log[0].session, log[0].call_id, log[0].tool, log[0].pid + 1)
+    assert set(flagged(clean, tools=[*log, again])) == {"(e)"}
+    # ...a committed result no execution produced, an execution of a call never committed
+    assert flagged(clean, tools=log[1:]) == ["(e)"]
+    ghost = ToolExecution(SID, "call_99", "lookup", log[0].pid)
+    assert flagged(clean, tools=[*log, ghost]) == ["(e)"]
+    # a call answered "interrupted, not re-run" may have run once (its result lost), not twice
+    interrupted = read_db(spec.db)
+    (row,) = [r for r in interrupted.rows if r.message.get("tool_call_id") == log[0].call_id]
+    row.message["content"] = INTERRUPTED_TOOL_RESULT
+    assert flagged(interrupted) == ["(b)"]  # the rewritten row breaks the digest chain only
+    assert flagged(interrupted, tools=log[1:]) == ["(b)"]
+    assert flagged(interrupted, tools=[*log, again]) == ["(b)", "(e)"]

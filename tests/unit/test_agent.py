@@ -192,22 +192,27 @@ async def test_immediate_boundary_commits_and_returns_none_without_a_model_call(
 # --- tools, checkpoints, joins ----------------------------------------------------------------
 
 
-async def test_tool_then_text_message_sequence_with_a_checkpoint_between_calls() -> None:
+async def test_tool_then_text_message_sequence_with_checkpoints_around_the_tools() -> None:
     script = [
         {"type": "tool", "name": "lookup", "args": {"k": 1}, "duration": 0.01, "result": "v=1"},
         {"type": "text", "text": "done"},
     ]
     agent, run, model, log = _harness(_prompt("go"), script)
     result = await agent.apply(run)
-    assert log == ["boundary", "model:committed=1", "checkpoint", "model:committed=3"]
+    # one checkpoint before the tool runs (S6), one after its result
+    assert log == [
+        "boundary",
+        "model:committed=1",
+        "checkpoint",
+        "checkpoint",
+        "model:committed=3",
+    ]
     call = ToolCall(id="call_0", name="lookup", arguments={"k": 1})
     call_usage = Usage(input_tokens=1, output_tokens=2)  # "go" ; 1 + '{"k":1}'
     answer_usage = Usage(input_tokens=2, output_tokens=1)  # "go" + "v=1" ; "done"
     assert run.checkpoint_commits == [
-        [
-            Message(role="assistant", tool_calls=[call], usage=call_usage),
-            Message(role="tool", content="v=1", tool_call_id="call_0", name="lookup"),
-        ]
+        [Message(role="assistant", tool_calls=[call], usage=call_usage)],
+        [Message(role="tool", content="v=1", tool_call_id="call_0", name="lookup")],
     ]
     assert run.conversation() == [
         Message(role="user", content="go"),
@@ -238,8 +243,10 @@ async def test_joined_inputs_from_a_checkpoint_are_appended_and_seen_by_the_next
         context_appends=[ConversationContextAppend(key="k", content=TextRenderable(text="ctx"))],
         contributing_input_ids=[join_id],
     )
+    # Nothing joins at the checkpoint before the tool; ``joined`` joins at the one after it.
+    # (Inputs joining before the tools: test_agent_loop.py.)
     agent, run, model, _ = _harness(
-        _prompt("start"), [{"type": "tool", "name": "t"}], joins=[joined]
+        _prompt("start"), [{"type": "tool", "name": "t"}], joins=[None, joined]
     )
     result = await agent.apply(run)
     joined_messages = [
@@ -247,7 +254,15 @@ async def test_joined_inputs_from_a_checkpoint_are_appended_and_seen_by_the_next
         Message(role="context", content="ctx", name="k"),
     ]
     # Not committed at the checkpoint that returned them; pending until the next commit.
-    assert all(m not in run.checkpoint_commits[0] for m in joined_messages)
+    assert [[m.role for m in batch] for batch in run.checkpoint_commits] == [
+        ["assistant"],
+        ["tool"],
+    ]
+    assert run.committed == [
+        Message(role="user", content="start"),
+        *run.checkpoint_commits[0],
+        *run.checkpoint_commits[1],
+    ]
     assert model.requests[1].messages[3:] == joined_messages
     assert result is not None
     assert result.text == 'offline model: you said "also this" (5 messages in the conversation)'
@@ -267,7 +282,14 @@ async def test_wait_step_returns_interrupted_when_the_run_is_interrupted() -> No
     started = time.monotonic()
     result = await agent.apply(run)
     assert time.monotonic() - started < 1.0
-    assert log == ["boundary", "model:committed=1", "wait:5.0", "checkpoint", "model:committed=3"]
+    assert log == [
+        "boundary",
+        "model:committed=1",
+        "checkpoint",
+        "wait:5.0",
+        "checkpoint",
+        "model:committed=3",
+    ]
     assert run.committed[2] == Message(
         role="tool", content="interrupted", tool_call_id="call_0", name="wait"
     )
@@ -316,11 +338,15 @@ async def test_cancel_during_a_long_tool_ends_apply_promptly() -> None:
     with pytest.raises(RunCancelled):
         await agent.apply(run)
     assert time.monotonic() - started < 1.0
-    assert "checkpoint" not in log
-    # the call and its "cancelled" error result, never committed: the next boundary answers
-    # the call with INTERRUPTED_TOOL_RESULT if the runtime drops them with the run
-    assert _roles(run.pending) == ["assistant", "tool"]
-    assert (run.pending[1].content, run.pending[1].is_error) == ("cancelled", True)
+    # only the checkpoint before the tool: the call is committed, its "cancelled" error
+    # result never is, so the next boundary answers the call with INTERRUPTED_TOOL_RESULT
+    assert log == ["boundary", "model:committed=1", "checkpoint"]
+    call = ToolCall(id="call_0", name="slow")
+    assert _roles(run.committed) == ["user", "assistant"]
+    assert run.committed[1].tool_calls == [call]
+    assert run.checkpoint_commits == [[run.committed[1]]]
+    assert _roles(run.pending) == ["tool"]
+    assert (run.pending[0].content, run.pending[0].is_error) == ("cancelled", True)
     assert run.of_type("tool_execution_cancelled")[0]["name"] == "slow"
 
 
@@ -438,7 +464,15 @@ async def test_max_turns_exceeded_is_a_permanent_failure() -> None:
         "budget exhausted: turns limit 3 reached (used 3) before a final answer"
     )
     assert len(model.requests) == 3
-    assert log.count("checkpoint") == 3
+    # each of the three tool turns checkpoints before and after its tool
+    assert log == [
+        "boundary",
+        *[
+            entry
+            for n in (1, 3, 5)
+            for entry in (f"model:committed={n}", "checkpoint", "checkpoint")
+        ],
+    ]
 
 
 def test_config_rejects_a_malformed_script_and_bad_max_turns() -> None:

@@ -16,8 +16,10 @@ from meerkat import events as sdk  # type: ignore[import-untyped]
 
 from meerkat_runtime._ids import InputId
 from meerkat_runtime.core import events as ev
-from meerkat_runtime.core.agent import AgentConfig, AgentExecutor
+from meerkat_runtime.core.agent import INTERRUPTED_TOOL_RESULT, AgentConfig, AgentExecutor
 from meerkat_runtime.core.lifecycle import (
+    ConversationAppend,
+    ConversationAppendRole,
     ConversationContextAppend,
     Message,
     RunApplyBoundary,
@@ -26,6 +28,7 @@ from meerkat_runtime.core.lifecycle import (
     RunResult,
     RuntimeTurnMetadata,
     StagedInput,
+    StagedRunInput,
     TextRenderable,
     ToolCall,
     TurnToolOverlay,
@@ -293,12 +296,20 @@ async def test_a_batch_of_async_tools_runs_in_parallel_and_results_keep_call_ord
     elapsed = time.monotonic() - started
     assert elapsed < 0.6, f"the batch took {elapsed:.2f} s: not parallel"
     assert finished == ["c", "b", "a"]  # they finished in reverse order...
-    assert run.log == ["boundary", "model:committed=1", "checkpoint", "model:committed=5"]
-    (batch,) = run.checkpoint_commits  # ...one checkpoint after the whole batch...
-    assert [m.role for m in batch] == ["assistant", "tool", "tool", "tool"]
-    assert [len(batch[0].tool_calls)] == [3]
+    assert run.log == [
+        "boundary",
+        "model:committed=1",
+        "checkpoint",
+        "checkpoint",
+        "model:committed=5",
+    ]
+    # ...the calls are committed before the batch, the results by one checkpoint after it...
+    (calls_message,), batch = run.checkpoint_commits
+    assert calls_message.role == "assistant"
+    assert [c.id for c in calls_message.tool_calls] == ["call_0_0", "call_0_1", "call_0_2"]
+    assert [m.role for m in batch] == ["tool", "tool", "tool"]
     # ...and the results are appended in call order
-    assert [(m.tool_call_id, m.content) for m in batch[1:]] == [
+    assert [(m.tool_call_id, m.content) for m in batch] == [
         ("call_0_0", "slept a"),
         ("call_0_1", "slept b"),
         ("call_0_2", "slept c"),
@@ -481,7 +492,10 @@ async def test_cancel_during_a_long_async_tool() -> None:
     (cancelled,) = run.of_type("tool_execution_cancelled")
     assert cancelled["name"] == "slow"
     assert run.of_type("tool_execution_completed") == []
-    assert "checkpoint" not in run.log
+    # only the checkpoint before the tool ran: the call is committed, no result is
+    assert run.log == ["boundary", "model:committed=1", "checkpoint"]
+    assert [m.role for m in run.committed] == ["user", "assistant"]
+    assert [m.role for m in run.pending] == ["tool"]
 
 
 async def test_cancel_during_a_long_sync_tool_abandons_its_thread() -> None:
@@ -531,6 +545,183 @@ async def test_cancel_during_wait() -> None:
     assert run.log[-1] == "wait:30.0"
     (cancelled,) = run.of_type("tool_execution_cancelled")
     assert cancelled["name"] == "wait"
+
+
+# --- the calls are durable before the tools run (S6) -----------------------------------------
+
+
+async def test_the_tool_call_message_is_committed_before_any_tool_of_the_batch_starts() -> None:
+    seen: list[tuple[str, int, Message, list[Message], list[str]]] = []
+    holder: list[FakeRun] = []
+    registry = ToolRegistry()
+
+    def snapshot(name: str) -> None:
+        run = holder[0]
+        seen.append((name, len(run.committed), run.committed[-1], list(run.pending), [*run.log]))
+
+    async def probe(x: int) -> str:
+        snapshot("probe")
+        return f"x={x}"
+
+    def sync_probe() -> str:  # runs in a worker thread
+        snapshot("sync_probe")
+        return "sync"
+
+    registry.register(probe)
+    registry.register(sync_probe)
+    calls = [{"name": "probe", "args": {"x": 1}}, {"name": "sync_probe"}]
+    agent, run, _ = _offline(
+        [{"type": "tools", "calls": calls}, {"type": "text", "text": "ok"}], tools=registry
+    )
+    holder.append(run)
+    result = await _apply_ok(agent, run)
+    assert result.text == "ok"
+    turn_usage = Usage(**run.of_type("turn_completed")[0]["usage"])
+    calls_message = Message(
+        role="assistant",
+        tool_calls=[
+            ToolCall(id="call_0_0", name="probe", arguments={"x": 1}),
+            ToolCall(id="call_0_1", name="sync_probe", arguments={}),
+        ],
+        usage=turn_usage,
+    )
+    # each tool, when it ran, found the call message committed (user, call) and nothing
+    # pending, after exactly one checkpoint
+    log_at_start = ["boundary", "model:committed=1", "checkpoint"]
+    assert sorted(seen) == [
+        ("probe", 2, calls_message, [], log_at_start),
+        ("sync_probe", 2, calls_message, [], log_at_start),
+    ]
+    assert run.checkpoint_commits[0] == [calls_message]
+    assert [(m.tool_call_id, m.content) for m in run.checkpoint_commits[1]] == [
+        ("call_0_0", "x=1"),
+        ("call_0_1", "sync"),
+    ]
+
+
+async def test_a_cancel_during_a_tool_leaves_the_call_committed_and_no_result() -> None:
+    started: list[str] = []
+    registry = ToolRegistry()
+
+    async def slow(tag: str) -> str:
+        started.append(tag)
+        await asyncio.sleep(30)
+        return "never"
+
+    registry.register(slow)
+    script = [
+        {"type": "tool", "name": "slow", "args": {"tag": "first"}},
+        {"type": "text", "text": "recovered"},
+    ]
+    agent, run, model = _offline(script, tools=registry)
+    await _cancelled_within(run, lambda: agent.apply(run))
+    assert started == ["first"]
+    call = ToolCall(id="call_0", name="slow", arguments={"tag": "first"})
+    assert [m.role for m in run.committed] == ["user", "assistant"]
+    assert run.committed[1].tool_calls == [call]
+    assert run.checkpoint_commits == [[run.committed[1]]]  # no result was ever committed
+    (cancelled,) = run.pending
+    assert (cancelled.role, cancelled.tool_call_id, cancelled.is_error) == ("tool", "call_0", True)
+
+    # The runtime drops the uncommitted result with the run. The next run, on the committed
+    # history, answers the call at its boundary as interrupted and does not run it again.
+    nxt = FakeRun(prompt("again"), history=run.committed)
+    model.run[:] = [nxt]
+    result = await _apply_ok(agent, nxt)
+    assert result.text == "recovered"
+    assert nxt.boundary_deltas == [
+        [
+            Message(
+                role="tool",
+                content=INTERRUPTED_TOOL_RESULT,
+                tool_call_id="call_0",
+                name="slow",
+                is_error=True,
+            ),
+            Message(role="user", content="again"),
+        ]
+    ]
+    assert started == ["first"]
+    assert nxt.of_type("tool_execution_started") == []
+
+
+def _news(join_id: InputId) -> StagedRunInput:
+    return StagedRunInput(
+        boundary=RunApplyBoundary.RUN_CHECKPOINT,
+        appends=[
+            ConversationAppend(
+                role=ConversationAppendRole.USER,
+                content=TextRenderable(text="news"),
+                input_id=join_id,
+            )
+        ],
+        contributing_input_ids=[join_id],
+    )
+
+
+async def test_an_interrupting_input_joining_before_the_tools_ends_a_wait_and_follows_results() -> (
+    None
+):
+    """An interrupting input that arrived during the model call (``run.interrupt`` set) joins
+    at the checkpoint before the batch: the checkpoint keeps the interrupt, so the batch's
+    ``wait`` returns at once, and the input is appended after the batch's results."""
+    join_id = InputId.new()
+    calls = [
+        {"name": "wait", "args": {"timeout": 30}},
+        {"name": "lookup", "result": "v=1"},
+    ]
+    agent, run, model = _offline(
+        [{"type": "tools", "calls": calls}, {"type": "text", "text": "ok"}],
+        joins=[_news(join_id), None],
+    )
+    run.interrupt.set()  # the interrupting input arrived while the model was called
+    started = time.monotonic()
+    result = await _apply_ok(agent, run)
+    elapsed = time.monotonic() - started
+    assert elapsed < 0.5, f"the wait waited: {elapsed:.2f} s"
+    assert result.text == "ok"
+    assert run.log == [
+        "boundary",
+        "model:committed=1",
+        "checkpoint",
+        "wait:30.0",
+        "checkpoint",
+        "model:committed=5",
+    ]
+    results_and_joined = [
+        Message(role="tool", content="interrupted", tool_call_id="call_0_0", name="wait"),
+        Message(role="tool", content="v=1", tool_call_id="call_0_1", name="lookup"),
+        Message(role="user", content="news", input_ids=[join_id]),
+    ]
+    calls_commit, after_commit = run.checkpoint_commits
+    assert [m.role for m in calls_commit] == ["assistant"]
+    assert [c.id for c in calls_commit[0].tool_calls] == ["call_0_0", "call_0_1"]
+    # the joined input comes after the batch's results, and the next call sees it
+    assert after_commit == results_and_joined
+    assert model.requests[1].messages[2:] == results_and_joined
+    completed = {e["name"]: e for e in run.of_type("tool_execution_completed")}
+    assert (completed["wait"]["result"], completed["wait"]["status"]) == ("interrupted", "ok")
+
+
+async def test_a_non_interrupting_input_joining_before_the_tools_does_not_end_a_wait() -> None:
+    """A joining input that does not interrupt (e.g. a progress update) rides along: the
+    batch's ``wait`` runs to its timeout."""
+    join_id = InputId.new()
+    agent, run, _model = _offline(
+        [
+            {"type": "tools", "calls": [{"name": "wait", "args": {"timeout": 0.2}}]},
+            {"type": "text", "text": "ok"},
+        ],
+        joins=[_news(join_id), None],
+    )
+    started = time.monotonic()
+    await _apply_ok(agent, run)
+    assert time.monotonic() - started >= 0.2
+    completed = {e["name"]: e for e in run.of_type("tool_execution_completed")}
+    assert completed["wait"]["result"] == "timeout"
+    assert run.checkpoint_commits[1][-1] == Message(
+        role="user", content="news", input_ids=[join_id]
+    )
 
 
 # --- budgets ----------------------------------------------------------------------------------

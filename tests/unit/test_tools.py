@@ -738,3 +738,101 @@ def test_outcome_as_message() -> None:
     )
     assert message.is_error is None
     assert failed.as_message().is_error is True
+
+
+# --- tools from a raw JSON Schema ---------------------------------------------------------
+
+
+async def test_schema_tool_validates_against_the_schema_and_passes_the_arguments() -> None:
+    from meerkat_runtime.core.tools import ToolFailed, schema_tool
+
+    seen: list[tuple[dict[str, Any], str]] = []
+
+    async def handler(arguments: dict[str, Any], context: ToolContext) -> Any:
+        seen.append((arguments, context.call_id))
+        if arguments.get("fail"):
+            raise ToolFailed("the lookup service said no")
+        return {"echo": arguments["q"]}
+
+    schema = {
+        "type": "object",
+        "properties": {"q": {"type": "string"}, "fail": {"type": "boolean"}},
+        "required": ["q"],
+    }
+    registry = ToolRegistry()
+    registered = registry.register(schema_tool("lookup", schema, handler, description="Look up"))
+    assert registered.spec() == ToolSpec(name="lookup", description="Look up", parameters=schema)
+
+    ok = await run(registry, "lookup", {"q": "x"})
+    assert (ok.status, ok.content, ok.is_error) == ("ok", '{"echo":"x"}', False)
+    assert seen == [({"q": "x"}, "c1")]
+
+    failed = await run(registry, "lookup", {"q": "x", "fail": True})
+    assert (failed.status, failed.content, failed.is_error) == (
+        "error",
+        "the lookup service said no",
+        True,
+    )
+
+    bad = await run(registry, "lookup", {"q": 3})
+    assert bad.status == "invalid_arguments"
+    assert "q: 3 is not of type 'string'" in bad.content
+    missing = await run(registry, "lookup", {})
+    assert missing.status == "invalid_arguments" and "'q' is a required property" in missing.content
+    assert len(seen) == 2  # nothing ran for invalid arguments
+
+
+async def test_schema_tool_honours_cancellation_and_timeout() -> None:
+    from meerkat_runtime.core.tools import schema_tool
+
+    started = asyncio.Event()
+    cancelled_inside = asyncio.Event()
+
+    async def slow(arguments: dict[str, Any], context: ToolContext) -> str:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled_inside.set()
+            raise
+        return "late"
+
+    registry = ToolRegistry()
+    registry.register(schema_tool("slow", {"type": "object"}, slow))
+    cancel = asyncio.Event()
+    task = asyncio.ensure_future(run(registry, "slow", {}, cancelled=cancel))
+    await started.wait()
+    cancel.set()
+    outcome = await asyncio.wait_for(task, 2)
+    assert outcome.status == "cancelled" and cancelled_inside.is_set()
+
+    registry.register(schema_tool("slow2", {"type": "object"}, slow, timeout=0.05))
+    timed = await run(registry, "slow2", {})
+    assert timed.status == "timeout"
+
+
+def test_schema_tool_refuses_bad_definitions_and_registry_unregisters() -> None:
+    from meerkat_runtime.core.tools import schema_tool
+
+    async def handler(arguments: dict[str, Any], context: ToolContext) -> str:
+        return "ok"
+
+    def sync_handler(arguments: dict[str, Any], context: ToolContext) -> str:
+        return "ok"
+
+    with pytest.raises(ValueError, match="invalid tool name"):
+        schema_tool("bad name", {"type": "object"}, handler)
+    with pytest.raises(ValueError, match="must describe an object"):
+        schema_tool("t", {"type": "string"}, handler)
+    with pytest.raises(ValueError, match="not a valid JSON Schema"):
+        schema_tool("t", {"type": "object", "properties": 3}, handler)
+    with pytest.raises(TypeError, match="async"):
+        schema_tool("t", {"type": "object"}, sync_handler)  # type: ignore[arg-type]
+
+    registry = ToolRegistry()
+    first = registry.register(schema_tool("t", {"type": "object"}, handler))
+    assert registry.unregister("t") is first
+    assert registry.unregister("t") is None
+    assert "t" not in registry
+    registry.register(schema_tool("t", {"type": "object"}, handler, description="again"))
+    assert registry.names() == ["t"]

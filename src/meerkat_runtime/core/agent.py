@@ -15,9 +15,13 @@ What ``AgentExecutor.apply`` guarantees, in order:
    retries of transient errors happen inside the call, each announced by a ``retrying``
    event). A final answer (validated against the output schema when one is set, with a
    bounded number of corrective turns) is appended and ends the run. Tool calls are appended
-   as one assistant message, run **in parallel**, their results appended in call order, then
+   as one assistant message and committed by a checkpoint **before any tool runs** (so a
+   crash or cancel mid-tool leaves a durable call without a result, answered as interrupted
+   and never run again, S6), run **in parallel**, their results appended in call order, then
    ``run.checkpoint()`` commits them and hands back inputs that join (S16), which are
-   appended before the next model call.
+   appended before the next model call. Inputs that join at the checkpoint before the batch
+   are appended after its results; an interrupting one that arrived during the model call
+   ends a ``wait`` of the batch at once (``keep_interrupt``).
 4. Budgets (turns, total tokens, tool calls, wall time) are checked before each model call; a
    ``budget_warning`` is emitted once per budget when 80% is used; an exhausted budget ends
    the run with a permanent ``RunFailure`` that names it.
@@ -512,6 +516,12 @@ class AgentExecutor:
                     )
                 )
             tool_calls += len(calls)
+            # S6: the calls are durable before any tool runs, so a crash or cancel while one
+            # runs leaves a call without a committed result, which the next boundary answers
+            # as interrupted (never run again). Inputs that join here are appended after the
+            # results (a call's results follow it directly); an interrupting input that
+            # arrived during the model call still ends a `wait` of this batch at once.
+            early = await run.checkpoint(keep_interrupt=True)
             outcomes = await self._run_batch(run, model, settings, calls)
             for call, outcome in zip(calls, outcomes, strict=True):
                 run.append(
@@ -524,6 +534,8 @@ class AgentExecutor:
                     )
                 )
                 run.emit(ev.tool_result_received(call.id, call.name, outcome.is_error))
+            if early is not None:
+                run.append(*messages_from_staged(early))
             if run.cancelled.is_set():
                 raise RunCancelled()
             await self._checkpoint(run)
@@ -572,7 +584,9 @@ class AgentExecutor:
         """Run one model turn's tool calls concurrently; results in call order. A cancel
         ends every call promptly (each reports ``cancelled``)."""
         _raise_if_cancelled(run)
-        return list(await asyncio.gather(*(self._run_tool(run, model, settings, c) for c in calls)))
+        return list(
+            await asyncio.gather(*(self._run_tool(run, model, settings, c) for c in calls))
+        )
 
     async def _run_tool(
         self, run: RunContext, model: Model, settings: _TurnSettings, call: ToolCall

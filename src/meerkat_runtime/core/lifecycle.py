@@ -431,7 +431,15 @@ class RunContext(Protocol):
 
     async def commit_boundary(self, delta: Sequence[Message] = ()) -> RunBoundaryReceipt: ...
 
-    async def checkpoint(self, delta: Sequence[Message] = ()) -> StagedRunInput | None: ...
+    async def checkpoint(
+        self, delta: Sequence[Message] = (), *, keep_interrupt: bool = False
+    ) -> StagedRunInput | None:
+        """Commit, and take in joining inputs (S16). An interrupt (an ``interrupt_yielding``
+        input arriving during the run) is cleared here, since the inputs that join are handed
+        to the executor now; ``keep_interrupt=True`` keeps it, so a ``wait`` the model asked
+        for before it saw that input still returns at once (the agent's checkpoint before a
+        tool batch)."""
+        ...
 
     def append(self, *messages: Message) -> None: ...
 

@@ -3,7 +3,9 @@
 An application turns a function (sync or async) into a ``Tool`` with ``tool`` (or registers it
 on a ``ToolRegistry``); the model sees the tool's JSON Schema, built from the function's type
 hints with pydantic, and its description, taken from the docstring. The agent runs the calls
-of one model turn concurrently, each through ``ToolRegistry.execute``.
+of one model turn concurrently, each through ``ToolRegistry.execute``. A tool implemented
+elsewhere (a client process, a service) is built from a raw JSON Schema and an async handler
+with ``schema_tool``; its arguments are validated against that schema.
 
 Invariants:
 - Registration fails loudly (``TypeError`` / ``ValueError`` saying what is wrong) for a
@@ -45,10 +47,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal, overload
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+import jsonschema
+from jsonschema.exceptions import SchemaError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 from pydantic.fields import FieldInfo
 from pydantic.json_schema import GenerateJsonSchema
-from pydantic_core import to_jsonable_python
+from pydantic_core import PydanticCustomError, to_jsonable_python
 
 from ..llm.base import ToolSpec
 from .lifecycle import Message, ToolCall
@@ -58,9 +62,11 @@ __all__ = [
     "TOOL_NAME_PATTERN",
     "Tool",
     "ToolContext",
+    "ToolFailed",
     "ToolOutcome",
     "ToolRegistry",
     "ToolStatus",
+    "schema_tool",
     "tool",
 ]
 
@@ -97,6 +103,15 @@ class ToolContext:
     call_id: str
     cancelled: asyncio.Event
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+class ToolFailed(Exception):
+    """Raise it from a tool to report an error whose ``content`` is exactly what the model
+    reads (other exceptions are reported as ``error: <Type>: <message>``)."""
+
+    def __init__(self, content: str) -> None:
+        super().__init__(content)
+        self.content = content
 
 
 # --- outcomes -----------------------------------------------------------------------------
@@ -431,6 +446,11 @@ class ToolRegistry:
             result._tools[name] = found
         return result
 
+    def unregister(self, name: str) -> Tool | None:
+        """Remove the tool called ``name``; the removed ``Tool`` (None when there was none).
+        Runs already executing it finish; later model calls are no longer offered it."""
+        return self._tools.pop(name, None)
+
     def get(self, name: str) -> Tool | None:
         return self._tools.get(name)
 
@@ -634,6 +654,85 @@ def _build_tool(
     )
 
 
+# --- building a tool from a JSON Schema ----------------------------------------------------
+
+
+def schema_tool(
+    name: str,
+    parameters: Mapping[str, Any],
+    handler: Callable[[dict[str, Any], ToolContext], Awaitable[Any]],
+    *,
+    description: str = "",
+    timeout: float | None = None,
+) -> Tool:
+    """A ``Tool`` described by a raw JSON Schema (``parameters``) and run by an async
+    ``handler(arguments, context)``: for tools implemented elsewhere (a client process, a
+    remote service). A call's arguments are validated against the schema before the handler
+    runs (invalid ones are reported to the model and nothing runs); the handler's return value
+    is rendered like any tool's; raising ``ToolFailed(content)`` reports an error with exactly
+    that content. Raises ``ValueError`` / ``TypeError`` for a bad name, timeout or schema (it
+    must be a valid JSON Schema whose ``type``, when given, is ``object``) or a handler that
+    is not async.
+    """
+    _check_name(name)
+    _check_timeout(timeout, what=f"tool {name!r}: timeout")
+    if not _is_async_callable(handler):
+        raise TypeError(f"tool {name!r}: the handler must be an async function")
+    if not isinstance(parameters, Mapping):
+        raise ValueError(
+            f"tool {name!r}: the parameters schema must be a JSON object, got "
+            f"{type(parameters).__name__}"
+        )
+    schema = copy.deepcopy(dict(parameters))
+    kind = schema.get("type")
+    if kind is not None and kind != "object":
+        raise ValueError(
+            f"tool {name!r}: the parameters schema must describe an object "
+            f'("type": "object"), got type {kind!r}'
+        )
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    try:
+        cls.check_schema(schema)
+    except SchemaError as exc:
+        raise ValueError(
+            f"tool {name!r}: the parameters are not a valid JSON Schema: {exc.message}"
+        ) from None
+    validator = cls(schema)
+
+    def check(value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise PydanticCustomError("not_an_object", "the arguments must be a JSON object")
+        errors = sorted(validator.iter_errors(value), key=lambda e: [str(p) for p in e.path])
+        if errors:
+            problems = "; ".join(
+                f"{'/'.join(str(p) for p in e.path) or '(arguments)'}: {e.message}"
+                for e in errors[:5]
+            )
+            raise PydanticCustomError("schema", "{problems}", {"problems": problems})
+        return value
+
+    class _SchemaArguments(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        arguments: dict[str, Any]
+
+        @model_validator(mode="before")
+        @classmethod
+        def _against_schema(cls, data: Any) -> Any:
+            return {"arguments": check(data)}
+
+    return Tool(
+        name=name,
+        description=description,
+        parameters=schema,
+        fn=handler,
+        is_async=True,
+        timeout=timeout,
+        arguments_model=_SchemaArguments,
+        context_parameter="context",
+        _bindings=(_Binding("arguments", "arguments", True), _Binding(None, "context", True)),
+    )
+
+
 # --- docstrings ---------------------------------------------------------------------------
 
 _GOOGLE_ARGS = re.compile(
@@ -728,6 +827,8 @@ def _render_result(value: Any) -> str:
 
 
 def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, ToolFailed):
+        return exc.content
     message = str(exc)
     return f"error: {type(exc).__name__}: {message}" if message else f"error: {type(exc).__name__}"
 

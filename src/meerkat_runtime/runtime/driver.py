@@ -1076,7 +1076,9 @@ class SessionRuntime:
         )
         return txn
 
-    async def checkpoint(self, run: _Run, delta: Sequence[Message]) -> StagedRunInput | None:
+    async def checkpoint(
+        self, run: _Run, delta: Sequence[Message], keep_interrupt: bool = False
+    ) -> StagedRunInput | None:
         self._check_live(run)
         if run.cancelled.is_set():
             raise RunCancelled(run.cancel_reason or "run cancelled")
@@ -1100,7 +1102,8 @@ class SessionRuntime:
             for iid in joined:
                 self._stage(txn, self._entries[iid], run, now)
             run.pending_join = list(joined)
-        run.interrupt.clear()
+        if not keep_interrupt:
+            run.interrupt.clear()
         self._emit_run(
             txn,
             "checkpoint",
@@ -2079,8 +2082,10 @@ class _RunContext:
     async def commit_boundary(self, delta: Sequence[Message] = ()) -> RunBoundaryReceipt:
         return await self._rt.commit_boundary(self._run, delta)
 
-    async def checkpoint(self, delta: Sequence[Message] = ()) -> StagedRunInput | None:
-        return await self._rt.checkpoint(self._run, delta)
+    async def checkpoint(
+        self, delta: Sequence[Message] = (), *, keep_interrupt: bool = False
+    ) -> StagedRunInput | None:
+        return await self._rt.checkpoint(self._run, delta, keep_interrupt)
 
     def append(self, *messages: Message) -> None:
         self._run.buffer.extend(messages)
