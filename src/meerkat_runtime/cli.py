@@ -1,25 +1,85 @@
 """The ``meerkat`` command line.
 
-Exit codes scripts can rely on: 0 success; 1 the run did not complete (failed, abandoned,
-cancelled, terminated); 2 usage error; 3 the input was rejected; 4 not found.
+Commands::
+
+    meerkat run PROMPT [--session S] [--model M] [--provider P] [--system TEXT] [--script FILE]
+                       [--timeout SECONDS]
+    meerkat send SESSION TEXT [--no-wait] [--idempotency-key KEY] [--timeout SECONDS]
+    meerkat wait INPUT_ID [--session S] [--timeout SECONDS]
+    meerkat sessions create [--model M] [--provider P] [--system TEXT] [--label K=V ...]
+                            [--script FILE]
+    meerkat sessions list [--label K=V ...] [--limit N] [--offset N] [--all]
+    meerkat sessions show SESSION
+    meerkat sessions history SESSION [--offset N] [--limit N]
+    meerkat sessions archive SESSION
+    meerkat inputs list SESSION [--all]
+    meerkat inputs show SESSION INPUT_ID
+    meerkat inputs cancel SESSION INPUT_ID
+    meerkat runtime state SESSION
+    meerkat runtime retire SESSION [--replacement-planned]
+    meerkat runtime respawn SESSION
+    meerkat runtime reset SESSION [--yes]
+    meerkat runtime destroy SESSION [--yes]
+    meerkat runtime recover SESSION
+    meerkat runtime cancel SESSION
+    meerkat events SESSION [--follow] [--after SEQ]
+    meerkat serve [--host H] [--port N] [--token T]
+    meerkat rpc
+    meerkat crashtest [--kills N] [--seed N] [--point P ...] [--jobs N] [--workdir DIR] ...
+    meerkat version
+
+Every command but ``crashtest`` takes ``--store URL`` (default: SQLite under
+``$MEERKAT_STATE_DIR`` or ``~/.local/share/meerkat``); every command but ``serve`` and
+``rpc`` takes ``--json`` (the shapes the REST and RPC servers answer). Results go to stdout;
+progress, notes and errors to stderr, an error as one line ``error: ...``.
+
+Exit codes scripts can rely on:
+
+==== ==========================================================================================
+0    success
+1    the run did not complete (failed, abandoned, cancelled, superseded, terminated), or the
+     command failed otherwise (store error, a question answered no)
+2    usage error or bad input (unknown option, malformed id or label, an operation the
+     session's state or owner does not allow)
+3    the input was rejected (invalid, too large, queue full, idempotency key conflict, ...)
+4    not found (session or input)
+5    timed out waiting; the input lives on (``meerkat wait INPUT_ID`` waits again)
+130  interrupted (Ctrl-C)
+==== ==========================================================================================
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
+import inspect
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from . import __version__
-from .errors import MeerkatRuntimeError
-from .host import Runtime
-from .runtime.outcomes import CompletedWait, CompletedWithoutResultWait, Rejected
+from ._cli_common import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RUN_FAILED,
+    EXIT_USAGE,
+    JsonOpt,
+    StoreOpt,
+    err,
+    execute,
+    fail,
+    open_runtime,
+    out,
+    print_json,
+    write_line,
+)
+from ._cli_inputs import inputs_app, send, turn_and_wait, wait
+from ._cli_runtime import events, runtime_app
+from ._cli_sessions import load_script, sessions_app
+from .store.base import StoreError
+
+__all__ = ["app", "main"]
 
 app = typer.Typer(
     name="meerkat",
@@ -31,34 +91,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-_err = Console(stderr=True)
-_out = Console()
-
-EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_REJECTED, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    _err.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
-
-
-def _load_script(path: Path | None) -> list[dict[str, Any]] | None:
-    if path is None:
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise _fail(f"cannot read script {path}: {exc.strerror}", EXIT_USAGE) from None
-    except json.JSONDecodeError as exc:
-        raise _fail(f"script {path} is not valid JSON: {exc}", EXIT_USAGE) from None
-    if not isinstance(data, list):
-        raise _fail(f"script {path} must be a JSON array of steps", EXIT_USAGE)
-    return data
 
 
 @app.command()
 def run(
-    prompt: Annotated[str, typer.Argument(help="What to ask the agent.")],
+    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="What to ask the agent.")],
     session: Annotated[
         str | None, typer.Option("--session", help="Continue this session instead of a new one.")
     ] = None,
@@ -79,27 +116,19 @@ def run(
         Path | None,
         typer.Option(help="JSON file with an offline-model script (a list of steps)."),
     ] = None,
-    store: Annotated[
-        str | None,
-        typer.Option(
-            help="Store URL (sqlite:///path.db or memory://); default: SQLite under "
-            "$MEERKAT_STATE_DIR or ~/.local/share/meerkat."
-        ),
-    ] = None,
+    store: StoreOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON.")] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the reply.")] = 300.0,
+    timeout: Annotated[
+        float, typer.Option(min=0.0, help="Seconds to wait for the reply (then exit 5).")
+    ] = 300.0,
 ) -> None:
-    """Create a session (or continue one), send PROMPT through the runtime, print the reply."""
-    offline_script = _load_script(script)
-    try:
-        code = asyncio.run(
-            _run(prompt, session, model, provider, system, offline_script, store, as_json, timeout)
-        )
-    except MeerkatRuntimeError as exc:
-        raise _fail(str(exc), EXIT_NOT_FOUND if "not_found" in exc.code else EXIT_USAGE) from None
-    except KeyboardInterrupt:
-        raise _fail("interrupted", 130) from None
-    raise typer.Exit(code)
+    """Ask the agent PROMPT in a new session (or --session) and print the reply.
+
+    The reply streams to stdout; the session id is printed on stderr."""
+    execute(
+        _run(prompt, session, model, provider, system, script, store, as_json, timeout),
+        as_json=as_json,
+    )
 
 
 async def _run(
@@ -108,109 +137,86 @@ async def _run(
     model: str,
     provider: str | None,
     system: str | None,
-    offline_script: list[dict[str, Any]] | None,
+    script: Path | None,
     store: str | None,
     as_json: bool,
     timeout: float,
 ) -> int:
-    async with Runtime.open(store) as rt:
+    offline_script = load_script(script)
+    async with open_runtime(store) as rt:
         if session_id is not None:
-            try:
-                await rt.get_session(session_id)
-            except MeerkatRuntimeError as exc:
-                _err.print(f"[bold red]error:[/] {exc}", highlight=False)
-                return EXIT_NOT_FOUND
+            await rt.get_session(session_id)
         else:
             info = await rt.create_session(
                 model=model, provider=provider, system_prompt=system, offline_script=offline_script
             )
             session_id = info.id
-        after = await rt.last_event_seq(session_id)
-        handle = await rt.turn(session_id, prompt)
-        if isinstance(handle.outcome, Rejected):
-            if as_json:
-                _out.print_json(data=handle.outcome.to_json_dict())
-            else:
-                _err.print(
-                    f"[bold red]rejected[/] ({handle.outcome.code.value}): {handle.outcome.reason}",
-                    highlight=False,
-                )
-            return EXIT_REJECTED
-        streamed: list[str] = []
-        follower = None
-        if not as_json:
-            follower = asyncio.create_task(_stream_reply(rt, session_id, after, streamed))
-        try:
-            show_spinner = not as_json and sys.stderr.isatty()
-            if show_spinner:
-                with _err.status("[dim]thinking…[/]"):
-                    outcome = await handle.wait(timeout)
-            else:
-                outcome = await handle.wait(timeout)
-        finally:
-            if follower is not None:
-                follower.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await follower
-        if as_json:
-            doc = outcome.to_json_dict()
-            doc["session_id"] = session_id
-            _out.print_json(data=doc)
-        elif isinstance(outcome, CompletedWait):
-            if streamed and "".join(streamed).endswith(outcome.result.text):
-                sys.stdout.write("\n")
-                sys.stdout.flush()
-            else:
-                _out.print(outcome.result.text, highlight=False, markup=False)
-        elif isinstance(outcome, CompletedWithoutResultWait):
-            _err.print("[dim](completed without a reply)[/]")
-        else:
-            _err.print(
-                f"[bold red]{outcome.outcome_type}[/]: {_describe(outcome.to_json_dict())}",
-                highlight=False,
-            )
-        if not as_json:
-            _err.print(f"[dim]session {session_id}[/]", highlight=False)
-        ok = isinstance(outcome, (CompletedWait, CompletedWithoutResultWait))
-        return EXIT_OK if ok else EXIT_RUN_FAILED
+        code, _ = await turn_and_wait(
+            rt, session_id, prompt, idempotency_key=None, timeout=timeout, as_json=as_json
+        )
+    if not as_json:
+        err.print(f"[dim]session {session_id}[/]", highlight=False)
+    return code
 
 
-async def _stream_reply(rt: Runtime, session_id: str, after: int, streamed: list[str]) -> None:
-    """Print the reply's text as the model streams it, and tool calls as they start.
-
-    Only pieces of the final answer's turn stay on stdout; text of a turn that ended in tool
-    calls is kept as it streamed (the model's words before calling)."""
-    async for env in rt.events(session_id, after, follow=True):
-        if env.event.get("category") != "agent":
-            continue
-        data = env.event.get("data") or {}
-        kind = data.get("type")
-        if kind == "text_delta":
-            piece = str(data.get("delta", ""))
-            streamed.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        elif kind == "tool_execution_started":
-            if streamed:
-                sys.stdout.write("\n")
-                streamed.clear()
-            _err.print(f"[dim]→ {data.get('name')}[/]", highlight=False)
-        elif kind == "retrying":
-            _err.print(
-                f"[dim]retrying ({data.get('error_kind')}): attempt {data.get('attempt')}[/]",
-                highlight=False,
-            )
-
-
-def _describe(doc: dict[str, Any]) -> str:
-    parts = [f"{k}={v}" for k, v in doc.items() if k not in ("outcome_type", "input_id")]
-    return ", ".join(parts) or "no details"
+# listed in this order by `meerkat --help` (then the groups: sessions, inputs, runtime)
+app.command()(send)
+app.command()(wait)
+app.command()(events)
+app.add_typer(sessions_app)
+app.add_typer(inputs_app)
+app.add_typer(runtime_app)
 
 
 @app.command()
-def version() -> None:
-    """Print the version."""
-    _out.print(f"meerkat-runtime {__version__}")
+def serve(
+    host: Annotated[
+        str,
+        typer.Option(help="Address to listen on; anything but loopback needs a token."),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8080,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            help="Bearer token clients must send (Authorization: Bearer TOKEN); default: "
+            "$MEERKAT_API_TOKEN.",
+            show_default=False,
+        ),
+    ] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Serve the REST API over HTTP until Ctrl-C.
+
+    Sessions, turns, inputs, runtime control and SSE events, on the same store as the
+    other commands."""
+    from .surfaces.rest import ServeConfigError
+    from .surfaces.rest import serve as rest_serve
+
+    try:
+        rest_serve(host=host, port=port, store=store, token=token)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except ServeConfigError as exc:  # e.g. a public address without a token
+        hint = " (or pass --token)" if token is None and "token" in str(exc) else ""
+        raise fail(f"{exc}{hint}", EXIT_USAGE) from None
+    except RuntimeError as exc:  # the server did not start (address in use, ...)
+        raise fail(str(exc), EXIT_RUN_FAILED) from None
+
+
+@app.command()
+def rpc(store: StoreOpt = None) -> None:
+    """Serve JSON-RPC 2.0 on stdin/stdout, as rkat-rpc does.
+
+    Newline-delimited requests and answers, until stdin closes."""
+    from .surfaces.rpc import serve_stdio
+
+    try:
+        asyncio.run(serve_stdio(store=store))
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except (ValueError, StoreError) as exc:
+        # a bad MEERKAT_OFFLINE_SCRIPT, line limit, config file or store: nothing was served
+        raise fail(str(exc), EXIT_USAGE) from None
 
 
 @app.command()
@@ -252,10 +258,12 @@ def crashtest(
     keep: Annotated[bool, typer.Option("--keep", help="Keep passing trials' files too.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Crash-test the runtime with real processes: kill a child with SIGKILL at each crash
-    point (and at random instants), restart it, and check in the database that no
-    acknowledged durable input was lost, nothing was applied twice, every waiter resolved and
-    no terminal state changed. Exit code 0 when no trial found a violation, 1 otherwise."""
+    """Crash-test the runtime: SIGKILL real processes at each crash point.
+
+    Kills a child with SIGKILL at each crash point (and at random instants), restarts it,
+    and checks in the database that no acknowledged durable input was lost, nothing was
+    applied twice, every waiter resolved and no terminal state changed. Exit code 0 when no
+    trial found a violation, 1 otherwise."""
     import secrets
 
     from rich.progress import (
@@ -271,7 +279,7 @@ def crashtest(
 
     unknown = [p for p in point or [] if p not in KILL_POINTS]
     if unknown:
-        raise _fail(
+        raise fail(
             f"unknown kill point(s) {', '.join(unknown)}; choose from {', '.join(KILL_POINTS)}",
             EXIT_USAGE,
         )
@@ -283,7 +291,7 @@ def crashtest(
         MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
-        console=_err,
+        console=err,
     )
     task = progress.add_task("trials", total=kills, status="")
     failing = 0
@@ -307,9 +315,9 @@ def crashtest(
                 keep=keep,
             )
     except KeyboardInterrupt:
-        raise _fail("interrupted", 130) from None
+        raise fail("interrupted", EXIT_INTERRUPTED) from None
     if as_json:
-        _out.print_json(data=report.to_json_dict())
+        print_json(report.to_json_dict())
         raise typer.Exit(EXIT_OK if report.ok else EXIT_RUN_FAILED)
     table = Table(
         title="meerkat crashtest",
@@ -330,22 +338,83 @@ def crashtest(
         f"[red]{total_bad}[/]" if total_bad else "0",
         end_section=True,
     )
-    _out.print(table)
+    out.print(table)
     for v in report.violations[:20]:
-        _out.print(
+        out.print(
             f"[red]trial {v.trial}[/] ({v.crash_at}; files in {v.directory}): {v.message}",
             highlight=False,
             markup=False,
         )
     if len(report.violations) > 20:
-        _out.print(f"... and {len(report.violations) - 20} more violations")
+        out.print(f"... and {len(report.violations) - 20} more violations")
     if report.ok:
-        _out.print("[green]no violations[/]")
+        out.print("[green]no violations[/]")
     raise typer.Exit(EXIT_OK if report.ok else EXIT_RUN_FAILED)
 
 
-def main() -> None:
-    app()
+@app.command()
+def version(as_json: JsonOpt = False) -> None:
+    """Print the version."""
+    if as_json:
+        print_json({"name": "meerkat-runtime", "version": __version__})
+    else:
+        write_line(f"meerkat-runtime {__version__}")
+
+
+def _reflow(doc: str) -> str:
+    """A docstring as help text: paragraphs kept, the lines within each joined (Rich help
+    would otherwise keep the source's line breaks)."""
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
+
+
+def _reflow_help(group: typer.Typer) -> None:
+    for cmd in group.registered_commands:
+        if cmd.help is None and cmd.callback is not None and cmd.callback.__doc__:
+            cmd.help = _reflow(cmd.callback.__doc__)
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _reflow_help(sub.typer_instance)
+
+
+_reflow_help(app)
+
+
+def _exception_class(name: str) -> type[Exception]:
+    """Click's exception class ``name`` as Typer uses it (its own copy of Click in newer
+    Typer versions, Click itself in older ones), found from ``typer.BadParameter``."""
+    for cls in typer.BadParameter.__mro__:
+        if cls.__name__ == name and issubclass(cls, Exception):
+            return cls
+    raise LookupError(name)  # pragma: no cover
+
+
+_UsageError = _exception_class("UsageError")
+_ClickException = _exception_class("ClickException")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``meerkat`` entry point: usage errors become one ``error:`` line and exit 2."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="meerkat", standalone_mode=False)
+    except _UsageError as exc:
+        ctx: Any = getattr(exc, "ctx", None)
+        message = getattr(exc, "format_message", exc.__str__)()
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            if message:  # the help page (Rich help printed itself already)
+                sys.stdout.write(message + "\n")
+        else:
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            fail(f"{message}{hint}", EXIT_USAGE)
+        code = EXIT_USAGE
+    except _ClickException as exc:
+        code = int(getattr(exc, "exit_code", EXIT_RUN_FAILED))
+        fail(getattr(exc, "format_message", exc.__str__)(), code)
+    except typer.Abort:
+        fail("aborted", EXIT_INTERRUPTED)
+        code = EXIT_INTERRUPTED
+    sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -436,23 +436,50 @@ class Runtime:
         *,
         turn_metadata: RuntimeTurnMetadata | None = None,
         idempotency_key: str | None = None,
+        run_here: bool = True,
     ) -> CompletionHandle:
         """Accept a prompt for the session's next turn; ``handle.wait()`` gives its outcome
         (``completed{result}`` carries the run result). A session's deferred prompt is
-        prepended to its first turn (``"{deferred}\n\n{prompt}"``) and then cleared."""
+        prepended to its first turn (``"{deferred}\n\n{prompt}"``) and then cleared.
+
+        ``run_here=False`` only writes the prompt to the session's durable inbox (S10), as a
+        process that does not own the session does: this process takes no lease and starts
+        no run; whichever process runs the session next takes the prompt in."""
         record = await self._record(session_id)
         if record.archived:
             raise InvalidOperationError(f"session {session_id} is archived; it takes no turns")
         deferred = record.config.get("deferred_prompt")
+        applied = record.config.get("deferred_applied")
+        if (
+            deferred is None
+            and isinstance(applied, dict)
+            and idempotency_key is not None
+            and applied.get("key") == idempotency_key
+        ):
+            # a retry of the first turn: the same content as the first attempt (S11)
+            deferred = applied.get("text")
+            applied = "retry"
         text = f"{deferred}\n\n{prompt}" if deferred else prompt
         header: dict[str, Any] = {}
         if idempotency_key is not None:
             header["idempotency_key"] = idempotency_key
-        handle = await self.accept_with_completion(
-            session_id, PromptInput.new(text, turn_metadata, **header)
-        )
-        if deferred and not isinstance(handle.outcome, Rejected):
+        prompt_input = PromptInput.new(text, turn_metadata, **header)
+        if run_here:
+            handle = await self.accept_with_completion(session_id, prompt_input)
+        else:
+            outcome = await self._accept_remote(session_id, prompt_input, None)
+            handle = CompletionHandle(outcome, None)
+            if not isinstance(outcome, Rejected):
+                target = (
+                    outcome.existing_id if isinstance(outcome, Deduplicated) else outcome.input_id
+                )
+                handle = CompletionHandle(
+                    outcome, None, lambda timeout: self.wait(session_id, target, timeout)
+                )
+        if deferred and applied != "retry" and not isinstance(handle.outcome, Rejected):
             record.config.pop("deferred_prompt", None)
+            if idempotency_key is not None:
+                record.config["deferred_applied"] = {"key": idempotency_key, "text": deferred}
             record.updated_at = utcnow()
             await self.store.save_session(record)
         return handle

@@ -327,9 +327,8 @@ class AgentExecutor:
         self.config = config if config is not None else AgentConfig()
         self.session_id = session_id
         self.tools = tools if tools is not None else ToolRegistry()
-        self._models: dict[str, Model] = {}
-        if model is not None:
-            self._models[model.name] = model
+        self._models: dict[tuple[str, str], Model] = {}
+        self._injected = model
 
     # ------------------------------------------------------------------ apply
 
@@ -414,7 +413,20 @@ class AgentExecutor:
         )
 
     def _resolve(self, settings: _TurnSettings) -> Model:
-        cached = self._models.get(settings.model)
+        """The model for this run: the injected one when its name is asked for (with the
+        session's provider), else one built for (name, provider) and cached under both."""
+        injected = self._injected
+        if (
+            injected is not None
+            and injected.name == settings.model
+            and settings.provider in (None, self.config.provider)
+        ):
+            return injected
+        try:
+            key = (settings.model, infer_provider(settings.model, settings.provider))
+        except UnknownModelError as exc:
+            raise RunFailure(str(exc), permanent=True) from None
+        cached = self._models.get(key)
         if cached is not None:
             return cached
         try:
@@ -426,7 +438,7 @@ class AgentExecutor:
             )
         except UnknownModelError as exc:
             raise RunFailure(str(exc), permanent=True) from None
-        self._models[settings.model] = model
+        self._models[key] = model
         return model
 
     def _tool_specs(self, settings: _TurnSettings) -> list[ToolSpec]:

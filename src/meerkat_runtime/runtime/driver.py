@@ -1425,6 +1425,12 @@ class SessionRuntime:
         target: RuntimeState = RuntimeState.IDLE
         if stored in (RuntimeState.RETIRED, RuntimeState.DESTROYED):
             target = stored
+        # S4: inputs found staged or applied count an attempt when the process died during a
+        # run (one still "running" in the store; one run at a time, so they were all in it or
+        # waiting for its continuation); a graceful stop (S8, S19) recorded its run as
+        # cancelled, and costs nothing
+        crashed = int(any(r.status == "running" for r in loaded.runs.values()))
+
         for run in loaded.runs.values():
             if run.status == "running":  # the process died during this run
                 run.status = "failed"
@@ -1487,7 +1493,7 @@ class SessionRuntime:
             elif cur is IS.QUEUED:
                 self._enqueue(entry, txn)
             elif cur is IS.STAGED:
-                st.attempt_count += 1
+                st.attempt_count += crashed
                 if st.last_run_id is not None and (st.last_run_id, iid) in loaded.receipted:
                     self._transition(txn, entry, IS.APPLIED, now, "recovery: receipt found")
                     self._transition(txn, entry, IS.APPLIED_PENDING_CONSUMPTION, now)
@@ -1495,10 +1501,10 @@ class SessionRuntime:
                     self._transition(txn, entry, IS.QUEUED, now, "recovery: staged, no receipt")
                     staged_back.append(entry)
             elif cur is IS.APPLIED:
-                st.attempt_count += 1
+                st.attempt_count += crashed
                 self._transition(txn, entry, IS.APPLIED_PENDING_CONSUMPTION, now)
             elif cur is IS.APPLIED_PENDING_CONSUMPTION:
-                st.attempt_count += 1
+                st.attempt_count += crashed
             if st.current_state is IS.APPLIED_PENDING_CONSUMPTION:
                 cp = entry.policy.effective_consume_point
                 if st.attempt_count >= self.config.max_attempts:

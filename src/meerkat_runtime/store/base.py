@@ -272,6 +272,12 @@ class RuntimeStore(Protocol):
         """Entries in ``seq`` order, not removed (the ingesting txn removes them)."""
         ...
 
+    async def find_input_runtime(self, input_id: InputId) -> str | None:
+        """The id of the runtime holding input ``input_id``: one whose ledger has its state,
+        else one whose inbox holds it (acknowledged, not yet ingested); None if no runtime
+        does. Input ids are unique across runtimes (UUIDv7), so there is at most one."""
+        ...
+
     # retention (S18) -------------------------------------------------------------------
 
     async def prune(

@@ -38,6 +38,7 @@ Public attributes (read by tests): ``input_states``, ``conversations``, ``receip
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
@@ -95,6 +96,17 @@ def _deep_json(value: Any) -> Any:
     if isinstance(value, list):
         return [_deep_json(v) for v in value]
     return value
+
+
+def _inbox_input_id(input_json: str) -> str | None:
+    """The header id of an inbox entry's input document (None if it has none)."""
+    try:
+        doc = json.loads(input_json)
+    except ValueError:
+        return None
+    header = doc.get("header") if isinstance(doc, dict) else None
+    value = header.get("id") if isinstance(header, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _aware(dt: datetime) -> datetime:
@@ -452,6 +464,16 @@ class MemoryStore:
     async def inbox_entries(self, runtime_id: str, limit: int = 100) -> list[InboxEntry]:
         self._fault("inbox_entries")
         return [replace(e) for e in self.inbox.get(runtime_id, [])[: max(limit, 0)]]
+
+    async def find_input_runtime(self, input_id: InputId) -> str | None:
+        self._fault("find_input_runtime")
+        for rid, states in self.input_states.items():
+            if input_id in states:
+                return rid
+        for rid, entries in self.inbox.items():
+            if any(_inbox_input_id(e.input_json) == input_id.value for e in entries):
+                return rid
+        return None
 
     # ---------------------------------------------------------------- retention (S18)
 

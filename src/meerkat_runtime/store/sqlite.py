@@ -479,6 +479,17 @@ _RUN_COLS = "run_id, runtime_id, status, result_json, error, is_continuation"
 _SESSION_COLS = "session_id, created_at, updated_at, config, labels, archived"
 
 
+def _inbox_input_id(input_json: str) -> str | None:
+    """The header id of an inbox entry's input document (None if it has none)."""
+    try:
+        doc = json.loads(input_json)
+    except ValueError:
+        return None
+    header = doc.get("header") if isinstance(doc, dict) else None
+    value = header.get("id") if isinstance(header, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def _chunks(items: Sequence[T]) -> Iterable[Sequence[T]]:
     for i in range(0, len(items), _CHUNK):
         yield items[i : i + _CHUNK]
@@ -1357,6 +1368,29 @@ class SqliteStore:
                 (runtime_id, max(limit, 0)),
             ).fetchall()
             return [InboxEntry(rid, ij, rj, seq, _dt(at)) for seq, rid, ij, rj, at in rows]
+
+        return await self._read(run)
+
+    async def find_input_runtime(self, input_id: InputId) -> str | None:
+        """Indexed lookup in the ledger (``input_states_by_input``, migration 2), then the
+        inbox, whose entries name their input only inside the document."""
+        iid = input_id.value
+
+        def run(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT runtime_id FROM input_states WHERE input_id = ? LIMIT 1", (iid,)
+            ).fetchone()
+            if row is not None:
+                return str(row[0])
+            rows = conn.execute(
+                "SELECT runtime_id, input_json FROM inbox"
+                " WHERE input_id = ? OR instr(input_json, ?) ORDER BY seq",
+                (iid, iid),
+            ).fetchall()
+            for rid, input_json in rows:
+                if _inbox_input_id(input_json) == iid:
+                    return str(rid)
+            return None
 
         return await self._read(run)
 

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from .._time import format_ts
+from ..core._schema import SchemaValidator
 from ..core.lifecycle import Message, RunResult, RuntimeTurnMetadata, Usage
 from ..errors import (
     InputNotFoundError,
@@ -35,6 +36,7 @@ from ..errors import (
     SessionNotFoundError,
 )
 from ..host import CompletionHandle, Runtime
+from ..llm.registry import UnknownModelError, infer_provider
 from ..runtime.outcomes import (
     AbandonedWait,
     CancelledWait,
@@ -279,11 +281,29 @@ def parse_turn_metadata(params: dict[str, Any]) -> RuntimeTurnMetadata | None:
     if not picked:
         return None
     try:
-        return RuntimeTurnMetadata.model_validate(picked)
+        meta = RuntimeTurnMetadata.model_validate(picked)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "turn metadata"
         raise _bad(where, err["msg"]) from None
+    _check_overrides(meta)
+    return meta
+
+
+def _check_overrides(meta: RuntimeTurnMetadata) -> None:
+    """Refuse overrides the run could not use, before anything is accepted (as creating a
+    session does for its settings): otherwise the turn would fail late, or the agent fall
+    back to the session's settings."""
+    if meta.provider is not None or meta.model is not None:
+        try:
+            infer_provider(meta.model if meta.model is not None else "offline", meta.provider)
+        except UnknownModelError as exc:
+            raise _bad("provider" if meta.provider is not None else "model", str(exc)) from None
+    if meta.output_schema is not None:
+        try:
+            SchemaValidator(meta.output_schema)
+        except ValueError as exc:
+            raise _bad("output_schema", str(exc)) from None
 
 
 @dataclass(slots=True)
