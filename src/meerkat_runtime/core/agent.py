@@ -596,9 +596,7 @@ class AgentExecutor:
         """Run one model turn's tool calls concurrently; results in call order. A cancel
         ends every call promptly (each reports ``cancelled``)."""
         _raise_if_cancelled(run)
-        return list(
-            await asyncio.gather(*(self._run_tool(run, model, settings, c) for c in calls))
-        )
+        return list(await asyncio.gather(*(self._run_tool(run, model, settings, c) for c in calls)))
 
     async def _run_tool(
         self, run: RunContext, model: Model, settings: _TurnSettings, call: ToolCall
