@@ -4,7 +4,9 @@ middleware (so streaming answers, SSE, pass through untouched).
 Invariants:
 - With a token configured, every path but ``/health`` needs ``Authorization: Bearer
   <token>``; the comparison is constant-time, and an unauthorised request is answered 401
-  before its body is read.
+  before its body is read. Requests matching ``open_routes`` (method, full-path pattern:
+  the webhooks, which authenticate by their signature) are exempt; they still get the body
+  limit.
 - A body larger than ``max_body`` bytes is answered 413 and the application sees none of
   it. The rest of the body is read and dropped (up to ``DRAIN_LIMIT`` bytes) so that the
   client, still sending, gets the answer instead of a reset connection; beyond that the
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -43,10 +47,28 @@ async def _answer(
 
 
 class Guard:
-    def __init__(self, app: ASGIApp, *, token: str | None, max_body: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        token: str | None,
+        max_body: int,
+        open_routes: Sequence[tuple[str, re.Pattern[str]]] = (),
+    ) -> None:
         self.app = app
         self._token = token.encode() if token else None
         self.max_body = max_body
+        self._open_routes = tuple(open_routes)
+
+    def _open(self, scope: Scope) -> bool:
+        path = scope.get("path")
+        if path in _OPEN_PATHS:
+            return True
+        method = scope.get("method")
+        return any(
+            method == m and isinstance(path, str) and pattern.fullmatch(path) is not None
+            for m, pattern in self._open_routes
+        )
 
     def _authorized(self, scope: Scope) -> bool:
         assert self._token is not None
@@ -62,11 +84,7 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if (
-            self._token is not None
-            and scope.get("path") not in _OPEN_PATHS
-            and not self._authorized(scope)
-        ):
+        if self._token is not None and not self._open(scope) and not self._authorized(scope):
             await _answer(
                 send,
                 401,

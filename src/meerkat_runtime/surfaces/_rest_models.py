@@ -40,6 +40,7 @@ __all__ = [
     "TurnRequestBody",
     "WaitOutcomeBody",
     "WaitPendingBody",
+    "WebhookAcceptedBody",
 ]
 
 
@@ -218,6 +219,18 @@ class WaitPendingBody(BaseModel):
     input_id: str
     state: str
     done: Literal[False]
+
+
+class WebhookAcceptedBody(BaseModel):
+    """A webhook delivery's input: 202 ``accepted``; 200 ``deduplicated`` for a redelivery
+    (``input_id`` and ``existing_id`` are then the first delivery's input)."""
+
+    session_id: str
+    event_type: str
+    input_id: str
+    outcome_type: Literal["accepted", "deduplicated"]
+    delivery_id: str | None = None
+    existing_id: str | None = None
 
 
 # ------------------------------------------------------------------ request bodies

@@ -76,6 +76,7 @@ __all__ = [
 ErrorCode = Literal[
     "bad_request",
     "unauthorized",
+    "forbidden",
     "not_found",
     "conflict",
     "too_large",

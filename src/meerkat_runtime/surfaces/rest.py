@@ -14,8 +14,10 @@ Invariants:
   runtime call. FastAPI's 422 is never sent.
 - Request parsing and the wire shapes are ``common``'s, shared with JSON-RPC and the CLI: a
   turn's per-turn overrides reach the run as turn metadata; nothing is silently dropped.
-- With a token, every endpoint but ``/health`` needs ``Authorization: Bearer <token>``.
-  ``serve`` refuses to listen beyond loopback without one.
+- With a token, every endpoint but ``/health`` and the webhooks needs ``Authorization:
+  Bearer <token>``. ``serve`` refuses to listen beyond loopback without one. Webhooks
+  (``POST /webhooks/{session_id}/{event_type}``, ``_rest_webhooks``) are authenticated by
+  their HMAC signature instead, and are disabled (403) for a session without a secret.
 - Shutdown never hangs (S19): event streams and long polls end at once; the app's own
   Runtime is closed (its runs get their grace period, in-flight turn waits then answer);
   any wait still open is answered 503 ``not_ready`` with the input id to wait on later.
@@ -81,8 +83,19 @@ from ._rest_models import (
     TurnAcceptedBody,
     WaitOutcomeBody,
     WaitPendingBody,
+    WebhookAcceptedBody,
 )
 from ._rest_sse import event_stream
+from ._rest_webhooks import (
+    DELIVERY_HEADER,
+    SIGNATURE_HEADER,
+    WEBHOOK_PATH,
+    WEBHOOK_SECRET_ENV,
+    SecretSource,
+    WebhookSecrets,
+    accept_delivery,
+)
+from ._rest_webhooks import signature as webhook_signature
 from .common import (
     ERROR_CODES,
     SurfaceError,
@@ -105,9 +118,12 @@ __all__ = [
     "MAX_BODY_BYTES",
     "MAX_WAIT_SECONDS",
     "STATUS_BY_CODE",
+    "WEBHOOK_SECRET_ENV",
+    "SecretSource",
     "ServeConfigError",
     "create_app",
     "serve",
+    "webhook_signature",
 ]
 
 log = logging.getLogger("meerkat_runtime.rest")
@@ -127,6 +143,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "bad_request": 400,
     "unsupported": 400,
     "unauthorized": 401,
+    "forbidden": 403,
     "not_found": 404,
     "conflict": 409,
     "cancelled": 409,
@@ -155,6 +172,7 @@ class ServeConfigError(ValueError):
 class _AppState:
     runtime: Runtime | None
     owns_runtime: bool
+    webhooks: WebhookSecrets = field(default_factory=WebhookSecrets)
     draining: asyncio.Event = field(default_factory=asyncio.Event)  # streams, long polls end
     stopping: asyncio.Event = field(default_factory=asyncio.Event)  # turn waits end
 
@@ -358,7 +376,9 @@ async def _summary_view(rt: Runtime, session_id: str) -> SessionView:
 
 _ERROR_TEXT = {
     400: "bad request (code bad_request or unsupported): the message names the field",
-    401: "missing or wrong bearer token (only when the server has a token)",
+    401: "missing or wrong bearer token (only when the server has a token); for a webhook, "
+    "a missing or wrong X-Meerkat-Signature",
+    403: "webhooks are not enabled for this session (no secret configured)",
     404: "unknown session or input",
     409: "wrong state, idempotency conflict, cancelled turn, or owned by another process",
     413: "request body over 1 MiB, or input over the runtime's max_input_bytes",
@@ -425,9 +445,11 @@ def _custom_openapi(app: FastAPI, token: str | None) -> dict[str, Any]:
             "bearer": {"type": "http", "scheme": "bearer", "description": "MEERKAT_API_TOKEN"}
         }
         schema["security"] = [{"bearer": []}]
-        health = schema.get("paths", {}).get("/health", {}).get("get")
-        if isinstance(health, dict):
-            health["security"] = []
+        paths = schema.get("paths", {})
+        for path, method in (("/health", "get"), (_WEBHOOK_ROUTE, "post")):
+            op = paths.get(path, {}).get(method)
+            if isinstance(op, dict):
+                op["security"] = []  # no bearer token (webhooks: their signature)
     app.openapi_schema = schema
     return schema
 
@@ -452,17 +474,33 @@ class _EventStreamResponse(StreamingResponse):
     media_type = "text/event-stream"
 
 
+_WEBHOOK_ROUTE = "/webhooks/{session_id}/{event_type}"
+
+
 # ------------------------------------------------------------------ the app
 
 
 def create_app(
-    runtime: Runtime | None = None, *, store: str | None = None, token: str | None = None
+    runtime: Runtime | None = None,
+    *,
+    store: str | None = None,
+    token: str | None = None,
+    webhook_secret: str | None = None,
+    webhook_secrets: SecretSource | None = None,
 ) -> FastAPI:
     """The REST app. With ``runtime`` the app uses it (and leaves closing it to the caller);
     otherwise it opens ``Runtime.open(store)`` at startup and closes it at shutdown (S19).
-    With ``token``, every endpoint but ``/health`` needs ``Authorization: Bearer <token>``."""
+    With ``token``, every endpoint but ``/health`` and the webhooks needs ``Authorization:
+    Bearer <token>``. Webhooks (docs/webhooks.md) check their signature with the session's
+    secret from ``webhook_secrets`` (a mapping from session id, or a function of it that
+    answers ``None`` for none), else ``webhook_secret``; a session with neither has webhooks
+    disabled. The environment is not read here (``serve`` reads it)."""
     token = token or None
-    state = _AppState(runtime=runtime, owns_runtime=runtime is None)
+    state = _AppState(
+        runtime=runtime,
+        owns_runtime=runtime is None,
+        webhooks=WebhookSecrets(webhook_secrets, webhook_secret or None),
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -496,7 +534,9 @@ def create_app(
     app.state.meerkat = state
     _install_error_handlers(app)
     _add_routes(app, state)
-    app.add_middleware(Guard, token=token, max_body=MAX_BODY_BYTES)
+    app.add_middleware(
+        Guard, token=token, max_body=MAX_BODY_BYTES, open_routes=[("POST", WEBHOOK_PATH)]
+    )
 
     def openapi() -> dict[str, Any]:
         return _custom_openapi(app, token)
@@ -891,6 +931,60 @@ def _add_routes(app: FastAPI, state: _AppState) -> None:
             }
         )
 
+    # -------------------------------------------------------------- webhooks
+
+    @app.post(
+        _WEBHOOK_ROUTE,
+        response_model=WebhookAcceptedBody,
+        status_code=202,
+        summary="Deliver an external event (webhook)",
+        description=(
+            "The body (JSON, or text with a non-JSON Content-Type) becomes the payload of a "
+            "durable `external_event` input of type `event_type` (source `webhook`). "
+            f"Authenticated by `{SIGNATURE_HEADER}: sha256=<hex HMAC-SHA256 of the raw body>` "
+            "with the session's webhook secret, never by the bearer token; a session without "
+            f"a secret answers 403. `{DELIVERY_HEADER}` is the idempotency key: a redelivery "
+            "answers 200 `deduplicated` with the first input's id, the same id with another "
+            "body 409. The runtime's policy row for the event type decides the rest "
+            "(supersede: the latest delivery of the type wins; coalesce: merged at the next "
+            "run). See docs/webhooks.md."
+        ),
+        responses={
+            200: {"model": WebhookAcceptedBody, "description": "a redelivery (deduplicated)"},
+            **_errors(403, 404, 409, 429),
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": False,
+                "description": "the event's payload: any JSON value (or text)",
+                "content": {"application/json": {"schema": {}}, "text/plain": {"schema": {}}},
+            }
+        },
+        tags=["webhooks"],
+    )
+    async def webhook(
+        session_id: str,
+        event_type: str,
+        request: Request,
+        x_meerkat_signature: str | None = Header(
+            None, alias=SIGNATURE_HEADER, description="sha256=<hex HMAC-SHA256 of the body>"
+        ),
+        x_meerkat_delivery: str | None = Header(
+            None, alias=DELIVERY_HEADER, description="the delivery id (idempotency key)"
+        ),
+    ) -> JSONResponse:
+        status, body = await accept_delivery(
+            state.rt(),
+            state.webhooks,
+            session_id,
+            event_type,
+            await request.body(),
+            signature_header=x_meerkat_signature,
+            delivery=x_meerkat_delivery,
+            content_type=request.headers.get("content-type"),
+        )
+        return JSONResponse(body, status_code=status)
+
     # -------------------------------------------------------------- inputs
 
     async def list_inputs_impl(
@@ -1053,12 +1147,19 @@ def serve(
     port: int = 8080,
     store: str | None = None,
     token: str | None = None,
+    webhook_secret: str | None = None,
+    webhook_secrets: SecretSource | None = None,
 ) -> None:
     """Serve the REST API until SIGINT/SIGTERM (blocking). ``token`` defaults to
-    ``$MEERKAT_API_TOKEN``; a host beyond loopback needs one (``ServeConfigError``)."""
+    ``$MEERKAT_API_TOKEN``; a host beyond loopback needs one (``ServeConfigError``).
+    ``webhook_secret`` (the secret of every session's webhooks) defaults to
+    ``$MEERKAT_WEBHOOK_SECRET``; ``webhook_secrets`` gives sessions their own (see
+    ``create_app``)."""
     if token is None:
         token = os.environ.get("MEERKAT_API_TOKEN")
     token = token or None
+    if webhook_secret is None:
+        webhook_secret = os.environ.get(WEBHOOK_SECRET_ENV)
     if token is None and not _is_loopback(host):
         raise ServeConfigError(
             f"refusing to serve on {host} without a token: set MEERKAT_API_TOKEN (clients "
@@ -1066,7 +1167,13 @@ def serve(
         )
     if not 0 <= port <= 65535:
         raise ServeConfigError(f"port must be between 0 and 65535, got {port}")
-    server = _server_for(create_app(store=store, token=token), host=host, port=port)
+    app = create_app(
+        store=store,
+        token=token,
+        webhook_secret=webhook_secret,
+        webhook_secrets=webhook_secrets,
+    )
+    server = _server_for(app, host=host, port=port)
     server.run()
     if not server.started:
         raise RuntimeError(f"the REST server did not start on {host}:{port} (see the log)")
