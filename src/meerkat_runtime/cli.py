@@ -183,6 +183,14 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    webhook_secret: Annotated[
+        str | None,
+        typer.Option(
+            help="Secret that signs webhook deliveries (HMAC-SHA256, docs/webhooks.md); "
+            "default: $MEERKAT_WEBHOOK_SECRET; without one webhooks are refused.",
+            show_default=False,
+        ),
+    ] = None,
     store: StoreOpt = None,
 ) -> None:
     """Serve the REST API over HTTP until Ctrl-C.
@@ -193,7 +201,7 @@ def serve(
     from .surfaces.rest import serve as rest_serve
 
     try:
-        rest_serve(host=host, port=port, store=store, token=token)
+        rest_serve(host=host, port=port, store=store, token=token, webhook_secret=webhook_secret)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except ServeConfigError as exc:  # e.g. a public address without a token
