@@ -16,6 +16,10 @@ process that touches the session takes it over and recovers it (S7).
 Shutdown (S19): leaving the ``async with`` (or ``close()``) stops accepting, gives active runs
 a grace period, then stops them, flushes commits, releases leases and resolves every
 in-process waiter ``terminated``.
+
+Peer comms (``comms/``, ``docs/comms.md``): a session created with ``comms_name`` talks to the
+other named sessions of the store with ``comms_send`` / ``peers``, and its built-in agent is
+offered the comms tools.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any
 
 from ._ids import IdempotencyKey, InputId
 from ._time import utcnow
+from .comms import CommsService, comms_tools, validate_comms_name
 from .core.lifecycle import CoreExecutor, Message, RuntimeTurnMetadata
 from .core.tools import ToolRegistry
 from .errors import (
@@ -70,7 +75,13 @@ from .runtime.policy import PolicySnapshot, PolicyTable, default_policy_table
 from .runtime.state import RuntimeState
 from .sessions import AGENT_KEYS, HistoryPage, SessionView, agent_config_from
 from .store import open_store
-from .store.base import IdempotencyRecord, InboxEntry, RuntimeStore, SessionRecord
+from .store.base import (
+    CommsNameTakenError,
+    IdempotencyRecord,
+    InboxEntry,
+    RuntimeStore,
+    SessionRecord,
+)
 
 __all__ = ["CompletionHandle", "ExecutorFactory", "Runtime", "SessionInfo"]
 
@@ -199,6 +210,8 @@ class Runtime:
         self._runtimes: dict[str, SessionRuntime] = {}
         self._executors: dict[str, CoreExecutor] = {}
         self._session_tools: dict[str, ToolRegistry] = {}
+        self._comms: CommsService | None = None
+        self._comms_tools: ToolRegistry | None = None
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._ingest_locks: dict[str, asyncio.Lock] = {}
         self._started = False
@@ -319,6 +332,7 @@ class Runtime:
         provider: str | None = None,
         tools: ToolRegistry | None = None,
         deferred_prompt: str | None = None,
+        comms_name: str | None = None,
         **agent: Any,
     ) -> SessionInfo:
         """Create a session and its runtime. Without ``executor`` the built-in agent runs it
@@ -329,12 +343,20 @@ class Runtime:
         and create nothing. ``tools`` are added to the Runtime's tools for this session (in
         this process). With ``executor``, a later process needs ``executor_factory`` to run
         the session again. ``deferred_prompt`` is prepended to the first ``turn``'s prompt
-        (the reference's deferred initial turn)."""
+        (the reference's deferred initial turn). ``comms_name`` makes the session a comms peer
+        (``^[A-Za-z0-9_.-]{1,64}$``, unique among the store's non-archived sessions; else
+        ``InvalidArgumentError``)."""
         self._check_open()
         await self.start()
+        if comms_name is not None:
+            validate_comms_name(comms_name)
         sid = session_id or str(InputId.new())
         if sid in self._sessions or await self.store.load_session(sid) is not None:
             raise InvalidOperationError(f"session {sid!r} already exists")
+        if comms_name is not None:
+            for other in await self.store.list_sessions():
+                if other.config.get("comms_name") == comms_name:
+                    raise _name_taken(comms_name, other.session_id)
         unknown = sorted(set(agent) - set(AGENT_KEYS))
         if unknown:
             raise InvalidArgumentError(
@@ -348,6 +370,7 @@ class Runtime:
             ("offline_script", offline_script),
             ("provider", provider),
             ("deferred_prompt", deferred_prompt),
+            ("comms_name", comms_name),
             *agent.items(),
         ):
             if value is not None:
@@ -361,7 +384,11 @@ class Runtime:
         except InvalidArgumentError:
             self._session_tools.pop(sid, None)
             raise
-        await self.store.save_session(record)
+        try:
+            await self.store.save_session(record)
+        except CommsNameTakenError as exc:  # another process took the name meanwhile
+            self._session_tools.pop(sid, None)
+            raise _name_taken(exc.name, None) from None
         self._executors[sid] = executor
         info = SessionInfo.from_record(record)
         self._sessions[sid] = info
@@ -376,6 +403,10 @@ class Runtime:
         except (ValueError, TypeError) as exc:
             raise InvalidArgumentError(f"cannot create the session: {exc}") from None
         tools = self.tools
+        if record.config.get("comms_name"):
+            if self._comms_tools is None:
+                self._comms_tools = comms_tools(self)
+            tools = tools.merged(self._comms_tools)
         extra = self._session_tools.get(record.session_id)
         if extra is not None:
             tools = self.tools.merged(extra)
@@ -604,6 +635,7 @@ class Runtime:
                 rebuilders=self.rebuilders,
             )
             rt.generation = generation
+            rt.peer_correlation = bool(record.config.get("comms_name"))  # S20 checks
             loaded = await self.store.load_runtime(session_id)
             loaded.generation = generation
             self._runtimes[session_id] = rt
@@ -659,10 +691,10 @@ class Runtime:
         retention window, and events beyond the last ``event_retention`` per runtime, in
         batches. Nothing non-terminal is ever deleted. Runs every ``prune_interval``."""
         await self.start()
-        return await self.store.prune(
-            older_than=utcnow() - self.config.retention_window,
-            keep_events=self.config.event_retention,
-        )
+        cutoff = utcnow() - self.config.retention_window
+        counts = await self.store.prune(older_than=cutoff, keep_events=self.config.event_retention)
+        counts["peer_requests"] = await self.store.prune_peer_requests(older_than=cutoff)
+        return counts
 
     # ------------------------------------------------------------------ inputs
 
@@ -865,6 +897,59 @@ class Runtime:
         iid = input_id if isinstance(input_id, InputId) else InputId(input_id)
         return await (await self._require(session_id)).ack(iid)
 
+    # ------------------------------------------------------------------ peer comms
+
+    @property
+    def comms(self) -> CommsService:
+        if self._comms is None:
+            self._comms = CommsService(self)
+        return self._comms
+
+    async def comms_send(
+        self,
+        session_id: str,
+        *,
+        kind: str,
+        to: str | None = None,
+        body: str | None = None,
+        intent: str | None = None,
+        params: dict[str, Any] | None = None,
+        in_reply_to: str | None = None,
+        status: str | None = None,
+        result: Any = None,
+        envelope_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Send a peer message, request or response from the session (it must have a comms
+        name) to a peer of the store, as an input accepted into the peer's durable inbox
+        (S10), idempotent by ``envelope_id`` (minted when left out). Receipts:
+        ``{kind: "peer_message_sent", envelope_id, acked: true}``,
+        ``{kind: "peer_request_sent", envelope_id, interaction_id: <request id>,
+        stream_reserved: false}``, ``{kind: "peer_response_sent", envelope_id,
+        in_reply_to}``. A request is recorded as outstanding before it is delivered; a
+        response must answer an outstanding request (S20). Bad input raises
+        ``InvalidArgumentError`` naming the field and the problem; nothing is delivered."""
+        self._check_open()
+        await self.start()
+        return await self.comms.send(
+            session_id,
+            kind=kind,
+            to=to,
+            body=body,
+            intent=intent,
+            params=params,
+            in_reply_to=in_reply_to,
+            status=status,
+            result=result,
+            envelope_id=envelope_id,
+        )
+
+    async def peers(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's peers: the other named, non-archived sessions of the store, each
+        ``{name, peer_id, address, source: "store", sendable_kinds, capabilities, meta}``."""
+        self._check_open()
+        await self.start()
+        return await self.comms.peers(session_id)
+
     # ------------------------------------------------------------------ runtime control
 
     def runtime_state(self, session_id: str) -> RuntimeState:
@@ -955,6 +1040,14 @@ class Runtime:
             if not follow:
                 return
             await signal.wait()
+
+
+def _name_taken(name: str, holder: str | None) -> InvalidArgumentError:
+    by = f" by session {holder}" if holder else ""
+    return InvalidArgumentError(
+        f"comms_name: {name!r} is already taken{by}; names are unique among the store's "
+        "sessions (archive that session to free it)"
+    )
 
 
 def _needs_store(rt: SessionRuntime, after_seq: int) -> bool:

@@ -16,6 +16,10 @@ Invariants (the spec's rules, held here):
   by a continuation until they are consumed or their attempts are spent (S5).
 - Every waiter is resolved exactly once: at the input's terminal state with the outcome S12
   maps it to, or ``terminated`` when this instance stops.
+- S20 (with ``peer_correlation``, set for sessions that have a comms name): a peer response
+  is admitted only if its request id is outstanding at this runtime (the requester) and was
+  sent to the responding peer; otherwise it is rejected ``invalid`` and nothing is recorded.
+  A terminal response closes its request in the transaction that accepts it.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ from ..store.base import (
     IdempotencyRecord,
     InboxEntry,
     LoadedRuntime,
+    PeerRequestClose,
+    PeerRequestRecord,
     RunRecord,
     RuntimeStore,
     StoreError,
@@ -80,8 +86,11 @@ from .inputs import (
     InputDurability,
     InputHeader,
     PeerInput,
+    PeerOrigin,
     ProjectedInput,
     PromptInput,
+    ResponseProgressConvention,
+    ResponseTerminalConvention,
     SystemGeneratedInput,
     SystemOrigin,
     content_hash,
@@ -271,6 +280,10 @@ class SessionRuntime:
         self._closing = False
         self._epoch = 0  # bumped by reset and destroy: a respawn waiting across one gives up
         self.failure: BaseException | None = None  # the store error that stopped this instance
+        # S20: check peer responses against this runtime's outstanding requests (the host sets
+        # it for sessions with a comms name); request ids closed by this instance
+        self.peer_correlation = False
+        self._closed_requests: set[str] = set()
 
     # ------------------------------------------------------------------ transactions
 
@@ -505,6 +518,11 @@ class SessionRuntime:
                     f"session {self.runtime_id} is still recovering; try again shortly",
                     RejectCode.NOT_READY,
                 ), None
+        # -- S20: the requester's record of the request (read before the synchronous part)
+        response = _peer_response(input) if self.peer_correlation else None
+        request: PeerRequestRecord | None = None
+        if response is not None:
+            request = await self.store.load_peer_request(self.runtime_id, response.request_id)
         if self.held or not self.state.can_accept_input:
             why = "held for a planned respawn" if self.held else f"in state {self.state.value}"
             return self._reject(
@@ -546,6 +564,11 @@ class SessionRuntime:
                 "(or an idempotency key to make retries safe)",
                 RejectCode.INVALID,
             ), None
+        if response is not None:
+            assert isinstance(input, PeerInput)
+            problem = self._uncorrelated(input, response, request)
+            if problem is not None:
+                return self._reject(problem, RejectCode.INVALID), None
 
         # -- admission (S14)
         if self._nonterminal >= self.config.max_pending_inputs:
@@ -580,6 +603,13 @@ class SessionRuntime:
             txn.idempotency.append(IdempotencyRecord(key.value, input.id, chash, now))
         if from_inbox is not None:
             txn.inbox_done.append(from_inbox)
+        if isinstance(response, ResponseTerminalConvention):
+            # S20: the terminal response closes its request in its acceptance transaction
+            self._closed_requests.add(response.request_id)
+            closed_by = key.value if key is not None else str(input.id)
+            txn.peer_request_closes.append(
+                PeerRequestClose(response.request_id, response.status.value, now, closed_by)
+            )
         self._emit_input(txn, "accepted", now, input_id=input.id)
         if policy.consumed_at_accept:
             self._transition(txn, entry, IS.CONSUMED, now, "ignore: consumed at accept")
@@ -606,6 +636,40 @@ class SessionRuntime:
         else:
             _ignore_result(pending)  # ephemeral: rides along with the next commit (S6)
         return outcome, fut
+
+    def _uncorrelated(
+        self,
+        input: PeerInput,
+        response: ResponseProgressConvention | ResponseTerminalConvention,
+        request: PeerRequestRecord | None,
+    ) -> str | None:
+        """Why a peer response may not be admitted (S20), or None if it may."""
+        rid = response.request_id
+        what = f"peer response to request {rid!r} rejected:"
+        if request is None:
+            return (
+                f"{what} no request with that id is outstanding at session {self.runtime_id} "
+                "(responses answer requests this session sent)"
+            )
+        if rid in self._closed_requests or request.closed_at is not None:
+            status = request.status or "closed"
+            return f"{what} the request is already closed ({status}); it took its terminal response"
+        src = input.header.source
+        sender_runtime = (
+            src.runtime_id.value if isinstance(src, PeerOrigin) and src.runtime_id else None
+        )
+        sender_name = src.peer_id if isinstance(src, PeerOrigin) else None
+        if sender_runtime is not None:
+            matches = sender_runtime == request.responder_runtime_id
+        else:
+            matches = sender_name is not None and sender_name == request.responder_name
+        if not matches:
+            sender = sender_name or src.type
+            return (
+                f"{what} it was sent to peer {request.responder_name or '?'} (session "
+                f"{request.responder_runtime_id}), not to {sender}"
+            )
+        return None
 
     def _supersede_scope(self, txn: Txn, entry: _Entry, now: datetime) -> None:
         """S2: the new input supersedes older accepted/queued inputs of its scope."""
@@ -1971,6 +2035,17 @@ def validate_input(
             rule_id=input.rule_id, source_event_id=input.source_event_id
         )
     return input, reconstruction_source
+
+
+def _peer_response(
+    input: Input,
+) -> ResponseProgressConvention | ResponseTerminalConvention | None:
+    """The response convention of a peer response input (S20), else None."""
+    if isinstance(input, PeerInput) and isinstance(
+        input.convention, (ResponseProgressConvention, ResponseTerminalConvention)
+    ):
+        return input.convention
+    return None
 
 
 def _too_large(size: int, limit: int) -> Rejected:

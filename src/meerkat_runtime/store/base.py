@@ -21,6 +21,12 @@ transaction is durable. Invariants every store keeps:
   new generation, so a failed instance can never persist state that ran ahead of the store.
 - Append-only conversations: rows are inserted, never updated; only ``conversation_reset``
   deletes them (a runtime reset, S9).
+- Peer correlation (S20): a requester's outstanding peer requests are rows keyed
+  (requester runtime id, request id), written durably by ``open_peer_request`` *before* the
+  request is delivered; a ``Txn``'s ``peer_request_closes`` close them in the transaction that
+  accepts the terminal response (a close of a request that is missing or already closed
+  changes nothing). Comms names are unique among non-archived sessions: ``save_session``
+  refuses a second one with ``CommsNameTakenError`` and writes nothing.
 """
 
 from __future__ import annotations
@@ -38,10 +44,13 @@ from ..runtime.input_state import InputState
 from ..runtime.state import RuntimeState
 
 __all__ = [
+    "CommsNameTakenError",
     "FencedError",
     "IdempotencyRecord",
     "InboxEntry",
     "LoadedRuntime",
+    "PeerRequestClose",
+    "PeerRequestRecord",
     "RunRecord",
     "RuntimeStore",
     "SessionRecord",
@@ -57,6 +66,15 @@ class StoreError(RuntimeError):
 
 class FencedError(StoreError):
     """The writer's generation is stale: another instance owns the runtime now (S10)."""
+
+
+class CommsNameTakenError(StoreError):
+    """``save_session`` of a non-archived session whose ``config["comms_name"]`` another
+    non-archived session of the store already has (names are unique, checked in the store)."""
+
+    def __init__(self, message: str, name: str) -> None:
+        super().__init__(message)
+        self.name = name
 
 
 @dataclass(slots=True)
@@ -107,6 +125,41 @@ class InboxEntry:
 
 
 @dataclass(slots=True)
+class PeerRequestRecord:
+    """A peer request its requester sent (S20), keyed (``requester_runtime_id``,
+    ``request_id``); ``envelope_id`` is unique per requester (a retried send finds its
+    request again). Outstanding while ``closed_at`` is None; a terminal response closes it
+    with its ``status`` (completed / failed / cancelled) and ``closed_by`` (the closing
+    input's idempotency key, the response's envelope id, else its input id)."""
+
+    requester_runtime_id: str
+    request_id: str
+    responder_runtime_id: str
+    envelope_id: str
+    created_at: datetime
+    requester_name: str = ""
+    responder_name: str = ""
+    intent: str = ""
+    status: str | None = None
+    closed_at: datetime | None = None
+    closed_by: str | None = None
+
+    @property
+    def outstanding(self) -> bool:
+        return self.closed_at is None
+
+
+@dataclass(slots=True, frozen=True)
+class PeerRequestClose:
+    """A ``Txn``'s close of one of its runtime's outstanding requests (S20)."""
+
+    request_id: str
+    status: str
+    closed_at: datetime
+    closed_by: str | None = None
+
+
+@dataclass(slots=True)
 class LoadedRuntime:
     """What recovery needs of one runtime (S7), read in one go.
 
@@ -148,6 +201,8 @@ class Txn:
     next_generation: int | None = None
     recovered: bool = False  # bump the runtime's recovery_count (S7 step 5)
     inbox_done: list[int] = field(default_factory=list)  # inbox seqs ingested by this txn
+    # S20: outstanding requests of this runtime (the requester) closed by this txn
+    peer_request_closes: list[PeerRequestClose] = field(default_factory=list)
     events: list[RuntimeEventEnvelope] = field(default_factory=list)
     after_commit: list[Callable[[], Any]] = field(default_factory=list)
 
@@ -167,6 +222,7 @@ class Txn:
             or self.idempotency
             or self.inbox_done
             or self.recovered
+            or self.peer_request_closes
         )
 
 
@@ -276,6 +332,42 @@ class RuntimeStore(Protocol):
         """The id of the runtime holding input ``input_id``: one whose ledger has its state,
         else one whose inbox holds it (acknowledged, not yet ingested); None if no runtime
         does. Input ids are unique across runtimes (UUIDv7), so there is at most one."""
+        ...
+
+    # peer correlation (S20) -----------------------------------------------------------
+
+    async def open_peer_request(self, record: PeerRequestRecord) -> PeerRequestRecord:
+        """Durably record an outstanding request (before it is delivered) and return it. If
+        the requester already has a request with the same ``envelope_id`` (a retried send) or
+        the same ``request_id``, nothing is written and the stored record is returned."""
+        ...
+
+    async def load_peer_request(
+        self, requester_runtime_id: str, request_id: str
+    ) -> PeerRequestRecord | None: ...
+
+    async def find_peer_requests(self, request_id: str) -> list[PeerRequestRecord]:
+        """Every stored request with this id, whoever sent it (an indexed lookup)."""
+        ...
+
+    async def list_peer_requests(
+        self,
+        *,
+        requester_runtime_id: str | None = None,
+        responder_runtime_id: str | None = None,
+        outstanding_only: bool = False,
+    ) -> list[PeerRequestRecord]:
+        """Requests sent by / to the given runtimes (both filters apply when given), oldest
+        first; with ``outstanding_only``, only those not yet closed."""
+        ...
+
+    async def discard_peer_request(self, requester_runtime_id: str, request_id: str) -> None:
+        """Delete an outstanding request that was never delivered (its delivery was refused);
+        a closed one is kept."""
+        ...
+
+    async def prune_peer_requests(self, *, older_than: datetime, batch: int = 1000) -> int:
+        """S18: delete requests closed before ``older_than`` (outstanding ones are kept)."""
         ...
 
     # retention (S18) -------------------------------------------------------------------

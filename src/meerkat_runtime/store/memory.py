@@ -23,6 +23,10 @@ same rules:
   never replaces a claim, it answers deduplicated or conflict.
 - ``stopped`` is never stored (S8). Conversations are append-only: a row index is stored once
   per runtime; only ``conversation_reset`` deletes rows. Event ``seq`` only grows per runtime.
+- Peer requests (S20): one per (requester, request id) and per (requester, envelope id);
+  ``open_peer_request`` returns the stored one on a retry; a transaction's closes apply only to
+  outstanding ones. ``save_session`` refuses a second non-archived session with the same
+  ``comms_name`` (``CommsNameTakenError``).
 - Retention (``prune``) never deletes anything non-terminal, nor what recovery or a waiter
   still needs (receipts of pending inputs' runs, runs named by kept inputs, sources of pending
   coalesced aggregates, idempotency keys of pending or inboxed inputs).
@@ -32,7 +36,7 @@ Fault injection for tests: ``fail_next`` (the next ``submit`` fails with that ex
 
 Public attributes (read by tests): ``input_states``, ``conversations``, ``receipts``, ``runs``,
 ``runtime_states``, ``events``, ``commits`` (committed transactions), ``sessions``, ``inbox``,
-``idempotency``, ``queue_orders``.
+``idempotency``, ``queue_orders``, ``peer_requests``.
 """
 
 from __future__ import annotations
@@ -53,10 +57,12 @@ from ..runtime.events import RuntimeEventEnvelope
 from ..runtime.input_state import CoalescingSource, InputState
 from ..runtime.state import RuntimeState
 from .base import (
+    CommsNameTakenError,
     FencedError,
     IdempotencyRecord,
     InboxEntry,
     LoadedRuntime,
+    PeerRequestRecord,
     RunRecord,
     SessionRecord,
     StoreError,
@@ -128,6 +134,7 @@ class MemoryStore:
         self.idempotency: dict[str, dict[str, IdempotencyRecord]] = defaultdict(dict)
         self.sessions: dict[str, SessionRecord] = {}
         self.inbox: dict[str, list[InboxEntry]] = defaultdict(list)
+        self.peer_requests: dict[tuple[str, str], PeerRequestRecord] = {}
         self.commits = 0  # committed transactions (submit)
         self._poisoned: set[tuple[str, int]] = set()  # (runtime, generation) whose write failed
         self.fail_next: BaseException | None = None  # fault injection: the next submit fails
@@ -267,6 +274,12 @@ class MemoryStore:
         if txn.events:
             self.events[rid].extend(txn.events)  # envelopes never change once emitted
             row.last_seq = max(row.last_seq, txn.events[-1].seq)
+        for close in txn.peer_request_closes:
+            req = self.peer_requests.get((rid, close.request_id))
+            if req is not None and req.closed_at is None:
+                req.status = close.status
+                req.closed_at = close.closed_at
+                req.closed_by = close.closed_by
         if txn.inbox_done:
             done = set(txn.inbox_done)
             self.inbox[rid] = [e for e in self.inbox[rid] if e.seq not in done]
@@ -279,6 +292,19 @@ class MemoryStore:
 
     async def save_session(self, record: SessionRecord) -> None:
         self._fault("save_session")
+        name = record.config.get("comms_name")
+        if name is not None and not record.archived:
+            for other in self.sessions.values():
+                if (
+                    other.session_id != record.session_id
+                    and not other.archived
+                    and other.config.get("comms_name") == name
+                ):
+                    raise CommsNameTakenError(
+                        f"store {self.url}: comms name {name!r} is already taken by session "
+                        f"{other.session_id}",
+                        str(name),
+                    )
         self.sessions[record.session_id] = _copy_session(record)
         self._writes += 1
 
@@ -474,6 +500,71 @@ class MemoryStore:
             if any(_inbox_input_id(e.input_json) == input_id.value for e in entries):
                 return rid
         return None
+
+    # ---------------------------------------------------------------- peer requests (S20)
+
+    async def open_peer_request(self, record: PeerRequestRecord) -> PeerRequestRecord:
+        self._fault("open_peer_request")
+        rid = record.requester_runtime_id
+        for req in self.peer_requests.values():
+            if req.requester_runtime_id == rid and (
+                req.envelope_id == record.envelope_id or req.request_id == record.request_id
+            ):
+                return replace(req)
+        self.peer_requests[(rid, record.request_id)] = replace(record)
+        self._writes += 1
+        return replace(record)
+
+    async def load_peer_request(
+        self, requester_runtime_id: str, request_id: str
+    ) -> PeerRequestRecord | None:
+        self._fault("load_peer_request")
+        req = self.peer_requests.get((requester_runtime_id, request_id))
+        return replace(req) if req is not None else None
+
+    async def find_peer_requests(self, request_id: str) -> list[PeerRequestRecord]:
+        self._fault("find_peer_requests")
+        found = [r for r in self.peer_requests.values() if r.request_id == request_id]
+        return [replace(r) for r in sorted(found, key=lambda r: _aware(r.created_at))]
+
+    async def list_peer_requests(
+        self,
+        *,
+        requester_runtime_id: str | None = None,
+        responder_runtime_id: str | None = None,
+        outstanding_only: bool = False,
+    ) -> list[PeerRequestRecord]:
+        self._fault("list_peer_requests")
+        found = [
+            r
+            for r in self.peer_requests.values()
+            if (requester_runtime_id is None or r.requester_runtime_id == requester_runtime_id)
+            and (responder_runtime_id is None or r.responder_runtime_id == responder_runtime_id)
+            and (not outstanding_only or r.closed_at is None)
+        ]
+        found.sort(key=lambda r: (_aware(r.created_at), r.request_id))
+        return [replace(r) for r in found]
+
+    async def discard_peer_request(self, requester_runtime_id: str, request_id: str) -> None:
+        self._fault("discard_peer_request")
+        req = self.peer_requests.get((requester_runtime_id, request_id))
+        if req is not None and req.closed_at is None:
+            del self.peer_requests[(requester_runtime_id, request_id)]
+            self._writes += 1
+
+    async def prune_peer_requests(self, *, older_than: datetime, batch: int = 1000) -> int:
+        self._fault("prune_peer_requests")
+        cutoff = _aware(older_than)
+        doomed = [
+            k
+            for k, r in self.peer_requests.items()
+            if r.closed_at is not None and _aware(r.closed_at) < cutoff
+        ]
+        for k in doomed:
+            del self.peer_requests[k]
+        if doomed:
+            self._writes += 1
+        return len(doomed)
 
     # ---------------------------------------------------------------- retention (S18)
 

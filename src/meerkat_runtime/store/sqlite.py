@@ -44,6 +44,12 @@ Invariants kept here (beyond those of ``base.py``):
   application or one with a newer schema raises ``StoreError`` and is left untouched; an empty
   schema is never created over existing content. Missing migrations are applied in one
   transaction.
+- Peer requests (S20, migration 3): ``open_peer_request`` inserts or returns the stored row in
+  one write transaction (unique on (requester, request id) and (requester, envelope id)); a
+  transaction's closes are conditional updates (``closed_at IS NULL``). Comms names are unique
+  among non-archived sessions through a partial unique index on
+  ``json_extract(config, '$.comms_name')``; ``save_session`` reports a clash as
+  ``CommsNameTakenError``.
 - Every failure surfaces as ``StoreError`` (``FencedError`` for a stale generation) whose
   message names the file and the problem, e.g. ``store /x/meerkat.db: disk I/O error (is the
   disk full?)``.
@@ -75,10 +81,12 @@ from ..runtime.events import RuntimeEventEnvelope
 from ..runtime.input_state import CoalescingSource, InputState
 from ..runtime.state import RuntimeState
 from .base import (
+    CommsNameTakenError,
     FencedError,
     IdempotencyRecord,
     InboxEntry,
     LoadedRuntime,
+    PeerRequestRecord,
     RunRecord,
     SessionRecord,
     StoreError,
@@ -208,6 +216,7 @@ class _TxnRows:
     recovered: bool = False
     next_generation: int | None = None
     inbox_done: list[tuple[str, int]] = field(default_factory=list)
+    peer_closes: list[tuple[Any, ...]] = field(default_factory=list)
     events: list[tuple[Any, ...]] = field(default_factory=list)
 
 
@@ -271,6 +280,10 @@ def _encode_txn(txn: Txn) -> _TxnRows:
     t.recovered = txn.recovered
     t.next_generation = txn.next_generation
     t.inbox_done = [(rid, seq) for seq in txn.inbox_done]
+    t.peer_closes = [
+        (c.status, _us(c.closed_at), c.closed_by, rid, c.request_id)
+        for c in txn.peer_request_closes
+    ]
     last = None
     for ev in txn.events:
         if last is not None and ev.seq <= last:
@@ -372,6 +385,12 @@ def _apply_txn(conn: sqlite3.Connection, t: _TxnRows) -> None:
         )
     if t.inbox_done:
         conn.executemany("DELETE FROM inbox WHERE runtime_id = ? AND seq = ?", t.inbox_done)
+    if t.peer_closes:
+        conn.executemany(
+            "UPDATE peer_requests SET status = ?, closed_at = ?, closed_by = ?"
+            " WHERE requester_runtime_id = ? AND request_id = ? AND closed_at IS NULL",
+            t.peer_closes,
+        )
     if t.next_generation is not None:
         conn.execute(
             "UPDATE runtimes SET generation = ? WHERE runtime_id = ?", (t.next_generation, rid)
@@ -400,6 +419,7 @@ def _snapshot(txn: Txn) -> Txn:
         recovered=txn.recovered,
         next_generation=txn.next_generation,
         inbox_done=list(txn.inbox_done),
+        peer_request_closes=list(txn.peer_request_closes),
         events=list(txn.events),
     )
 
@@ -476,6 +496,45 @@ def _session(row: Sequence[Any]) -> SessionRecord:
 
 
 _RUN_COLS = "run_id, runtime_id, status, result_json, error, is_continuation"
+_PEER_COLS = (
+    "requester_runtime_id, request_id, responder_runtime_id, envelope_id, requester_name,"
+    " responder_name, intent, created_at, status, closed_at, closed_by"
+)
+
+
+def _peer_request(row: Sequence[Any]) -> PeerRequestRecord:
+    req, rid, resp, env, req_name, resp_name, intent, created, status, closed, by = row
+    return PeerRequestRecord(
+        req,
+        rid,
+        resp,
+        env,
+        _dt(created),
+        req_name,
+        resp_name,
+        intent,
+        status,
+        _dt(closed) if closed is not None else None,
+        by,
+    )
+
+
+def _open_peer_request(conn: sqlite3.Connection, row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Insert the request unless the requester has one with its envelope or request id; the
+    stored row either way (one write transaction)."""
+    found = conn.execute(
+        f"SELECT {_PEER_COLS} FROM peer_requests WHERE requester_runtime_id = ?"
+        " AND (envelope_id = ? OR request_id = ?) LIMIT 1",
+        (row[0], row[3], row[1]),
+    ).fetchone()
+    if found is not None:
+        return tuple(found)
+    conn.execute(
+        f"INSERT INTO peer_requests ({_PEER_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row
+    )
+    return row
+
+
 _SESSION_COLS = "session_id, created_at, updated_at, config, labels, archived"
 
 
@@ -1171,14 +1230,30 @@ class SqliteStore:
             int(record.archived),
         )
 
+        name = record.config.get("comms_name")
+
         def run(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                f"INSERT INTO sessions ({_SESSION_COLS}) VALUES (?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (session_id) DO UPDATE SET created_at = excluded.created_at,"
-                " updated_at = excluded.updated_at, config = excluded.config,"
-                " labels = excluded.labels, archived = excluded.archived",
-                params,
-            )
+            try:
+                conn.execute(
+                    f"INSERT INTO sessions ({_SESSION_COLS}) VALUES (?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (session_id) DO UPDATE SET created_at = excluded.created_at,"
+                    " updated_at = excluded.updated_at, config = excluded.config,"
+                    " labels = excluded.labels, archived = excluded.archived",
+                    params,
+                )
+            except sqlite3.IntegrityError:
+                if name is None:
+                    raise
+                holder = conn.execute(
+                    "SELECT session_id FROM sessions WHERE archived = 0"
+                    " AND json_extract(config, '$.comms_name') = ?",
+                    (name,),
+                ).fetchone()
+                raise CommsNameTakenError(
+                    f"store {self.path}: comms name {name!r} is already taken by session "
+                    f"{holder[0] if holder else '(unknown)'}",
+                    str(name),
+                ) from None
 
         await self._write(run)
 
@@ -1393,6 +1468,98 @@ class SqliteStore:
             return None
 
         return await self._read(run)
+
+    # ---------------------------------------------------------------- peer requests (S20)
+
+    async def open_peer_request(self, record: PeerRequestRecord) -> PeerRequestRecord:
+        row = (
+            record.requester_runtime_id,
+            record.request_id,
+            record.responder_runtime_id,
+            record.envelope_id,
+            record.requester_name,
+            record.responder_name,
+            record.intent,
+            _us(record.created_at),
+            record.status,
+            _us(record.closed_at) if record.closed_at is not None else None,
+            record.closed_by,
+        )
+        stored = await self._write(lambda conn: _open_peer_request(conn, row))
+        return _peer_request(stored)
+
+    async def load_peer_request(
+        self, requester_runtime_id: str, request_id: str
+    ) -> PeerRequestRecord | None:
+        def run(conn: sqlite3.Connection) -> PeerRequestRecord | None:
+            row = conn.execute(
+                f"SELECT {_PEER_COLS} FROM peer_requests"
+                " WHERE requester_runtime_id = ? AND request_id = ?",
+                (requester_runtime_id, request_id),
+            ).fetchone()
+            return _peer_request(row) if row is not None else None
+
+        return await self._read(run)
+
+    async def find_peer_requests(self, request_id: str) -> list[PeerRequestRecord]:
+        def run(conn: sqlite3.Connection) -> list[PeerRequestRecord]:
+            rows = conn.execute(
+                f"SELECT {_PEER_COLS} FROM peer_requests WHERE request_id = ? ORDER BY created_at",
+                (request_id,),
+            ).fetchall()
+            return [_peer_request(r) for r in rows]
+
+        return await self._read(run)
+
+    async def list_peer_requests(
+        self,
+        *,
+        requester_runtime_id: str | None = None,
+        responder_runtime_id: str | None = None,
+        outstanding_only: bool = False,
+    ) -> list[PeerRequestRecord]:
+        where: list[str] = []
+        args: list[Any] = []
+        if requester_runtime_id is not None:
+            where.append("requester_runtime_id = ?")
+            args.append(requester_runtime_id)
+        if responder_runtime_id is not None:
+            where.append("responder_runtime_id = ?")
+            args.append(responder_runtime_id)
+        if outstanding_only:
+            where.append("closed_at IS NULL")
+        sql = f"SELECT {_PEER_COLS} FROM peer_requests"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at, request_id"
+
+        def run(conn: sqlite3.Connection) -> list[PeerRequestRecord]:
+            return [_peer_request(r) for r in conn.execute(sql, args).fetchall()]
+
+        return await self._read(run)
+
+    async def discard_peer_request(self, requester_runtime_id: str, request_id: str) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "DELETE FROM peer_requests WHERE requester_runtime_id = ? AND request_id = ?"
+                " AND closed_at IS NULL",
+                (requester_runtime_id, request_id),
+            )
+
+        await self._write(run)
+
+    async def prune_peer_requests(self, *, older_than: datetime, batch: int = 1000) -> int:
+        sql = (
+            "DELETE FROM peer_requests WHERE rowid IN (SELECT rowid FROM peer_requests"
+            " WHERE closed_at IS NOT NULL AND closed_at < :cutoff LIMIT :batch)"
+        )
+        params = {"cutoff": _us(older_than), "batch": max(batch, 1)}
+        total = 0
+        while True:
+            n = await self._write(functools.partial(_execute_count, sql, params))
+            total += n
+            if n < params["batch"]:
+                return total
 
     # ---------------------------------------------------------------- retention (S18)
 
