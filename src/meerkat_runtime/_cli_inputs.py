@@ -8,6 +8,8 @@
   run starts in this short-lived process (a run it started would be stopped at exit and cost
   the input an attempt). The session's owner, or the next command that runs the session
   (``wait``, ``send``, ``run``), takes it from there.
+- ``send --to PEER`` (``--request``, ``--reply-to``) is a peer send from SESSION instead of a
+  prompt: ``_cli_comms.send_to_peer``.
 - ``inputs list`` and ``inputs show`` only read the store; ``inputs cancel`` runs in the
   session's owner, so it loads the session here when no other process owns it.
 """
@@ -30,10 +32,12 @@ from ._cli_common import (
     EXIT_OK,
     EXIT_REJECTED,
     EXIT_RUN_FAILED,
+    EXIT_USAGE,
     JsonOpt,
     StoreOpt,
     err,
     execute,
+    fail,
     input_id,
     open_runtime,
     out,
@@ -43,6 +47,7 @@ from ._cli_common import (
     when,
     write_line,
 )
+from ._cli_comms import send_to_peer
 from ._ids import InputId
 from ._time import utcnow
 from .errors import InputNotFoundError
@@ -242,8 +247,71 @@ async def enqueue_prompt(
 
 
 def send(
-    session: Annotated[str, typer.Argument(metavar="SESSION", help="The session's id.")],
-    text: Annotated[str, typer.Argument(metavar="TEXT", help="The prompt.")],
+    session: Annotated[
+        str,
+        typer.Argument(
+            metavar="SESSION",
+            help="The session's id (with --to / --request / --reply-to: the sending session's "
+            "id or comms name).",
+        ),
+    ],
+    text: Annotated[
+        str,
+        typer.Argument(
+            metavar="TEXT",
+            help="The prompt; with --to the message; with --request the params (a JSON "
+            "object); with --reply-to the result (JSON, else sent as a string).",
+        ),
+    ],
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to",
+            metavar="PEER",
+            help="Send TEXT as a peer message from SESSION to the session named PEER (its comms "
+            "name) instead of a prompt; prints the envelope id.",
+            show_default=False,
+        ),
+    ] = None,
+    request: Annotated[
+        str | None,
+        typer.Option(
+            "--request",
+            metavar="INTENT",
+            help="With --to: send a peer request with this intent and TEXT as its params; "
+            "prints the request id.",
+            show_default=False,
+        ),
+    ] = None,
+    reply_to: Annotated[
+        str | None,
+        typer.Option(
+            "--reply-to",
+            metavar="REQUEST_ID",
+            help="Answer the peer request REQUEST_ID that SESSION received, with TEXT as the "
+            "result (--to is then optional).",
+            show_default=False,
+        ),
+    ] = None,
+    status: Annotated[
+        str | None,
+        typer.Option(
+            "--status",
+            metavar="STATUS",
+            help="With --reply-to: completed (default), failed, cancelled, or a progress "
+            "status: accepted, in_progress, partial_result.",
+            show_default=False,
+        ),
+    ] = None,
+    envelope_id: Annotated[
+        str | None,
+        typer.Option(
+            "--envelope-id",
+            metavar="UUID",
+            help="Make a peer send safe to retry: the same envelope id delivers once.",
+            show_default=False,
+        ),
+    ] = None,
     no_wait: Annotated[
         bool,
         typer.Option(
@@ -261,16 +329,66 @@ def send(
             "(its id is printed again); with other text it is rejected.",
         ),
     ] = None,
-    timeout: TimeoutOpt = 300.0,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout",
+            min=0.0,
+            metavar="SECONDS",
+            help="Give up waiting for the reply after this long (exit 5); the input lives "
+            "on (default 300).",
+            show_default=False,
+        ),
+    ] = None,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Send TEXT to SESSION as its next turn and print the reply.
 
     The input id is printed on stderr. With --no-wait only the input id is printed, on
-    stdout (for a duplicate, the existing input's id)."""
+    stdout (for a duplicate, the existing input's id).
+
+    With --to PEER, SESSION sends TEXT to its peer PEER as a peer message instead (both need
+    a comms name; see `meerkat peers`); --request INTENT makes it a request, --reply-to
+    answers one. The receipt's id is printed (--json: the receipt); what was sent lands in
+    the target's durable inbox."""
+    if to is not None or request is not None or reply_to is not None:
+        for flag, given in (
+            ("--no-wait", no_wait),
+            ("--idempotency-key", idempotency_key is not None),
+            ("--timeout", timeout is not None),
+        ):
+            if given:
+                hint = " (use --envelope-id)" if flag == "--idempotency-key" else ""
+                raise fail(f"{flag}: not used by a peer send{hint}", EXIT_USAGE)
+        execute(
+            send_to_peer(
+                session,
+                text,
+                to=to,
+                request=request,
+                reply_to=reply_to,
+                status=status,
+                envelope_id=envelope_id,
+                store=store,
+                as_json=as_json,
+            ),
+            as_json=as_json,
+        )
+    for flag, value in (("--status", status), ("--envelope-id", envelope_id)):
+        if value is not None:
+            raise fail(f"{flag}: only with --to, --request or --reply-to", EXIT_USAGE)
     execute(
-        _send(session, text, no_wait, idempotency_key, timeout, store, as_json), as_json=as_json
+        _send(
+            session,
+            text,
+            no_wait,
+            idempotency_key,
+            300.0 if timeout is None else timeout,
+            store,
+            as_json,
+        ),
+        as_json=as_json,
     )
 
 

@@ -126,11 +126,25 @@ def create(
         Path | None,
         typer.Option(help="JSON file with an offline-model script (a list of steps)."),
     ] = None,
+    comms_name: Annotated[
+        str | None,
+        typer.Option(
+            "--comms-name",
+            metavar="NAME",
+            help="Make the session a comms peer named NAME (letters, digits, _ . -; unique "
+            "among the store's sessions): other sessions can send it messages and requests "
+            "(`meerkat send ... --to NAME`).",
+            show_default=False,
+        ),
+    ] = None,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a session (no turn yet) and print its id."""
-    execute(_create(model, provider, system, label, script, store, as_json), as_json=as_json)
+    execute(
+        _create(model, provider, system, label, script, comms_name, store, as_json),
+        as_json=as_json,
+    )
 
 
 async def _create(
@@ -139,6 +153,7 @@ async def _create(
     system: str | None,
     label: list[str] | None,
     script: Path | None,
+    comms_name: str | None,
     store: str | None,
     as_json: bool,
 ) -> int:
@@ -151,6 +166,7 @@ async def _create(
             system_prompt=system,
             labels=labels or None,
             offline_script=offline_script,
+            comms_name=comms_name,
         )
     if as_json:
         print_json({"session_id": info.id})

@@ -5,9 +5,12 @@ Commands::
     meerkat run PROMPT [--session S] [--model M] [--provider P] [--system TEXT] [--script FILE]
                        [--timeout SECONDS]
     meerkat send SESSION TEXT [--no-wait] [--idempotency-key KEY] [--timeout SECONDS]
+    meerkat send SESSION TEXT --to PEER [--request INTENT] [--envelope-id UUID]
+    meerkat send SESSION TEXT --reply-to REQUEST_ID [--status STATUS] [--to PEER]
+    meerkat peers SESSION
     meerkat wait INPUT_ID [--session S] [--timeout SECONDS]
     meerkat sessions create [--model M] [--provider P] [--system TEXT] [--label K=V ...]
-                            [--script FILE]
+                            [--script FILE] [--comms-name NAME]
     meerkat sessions list [--label K=V ...] [--limit N] [--offset N] [--all]
     meerkat sessions show SESSION
     meerkat sessions history SESSION [--offset N] [--limit N]
@@ -74,6 +77,7 @@ from ._cli_common import (
     print_json,
     write_line,
 )
+from ._cli_comms import peers
 from ._cli_inputs import inputs_app, send, turn_and_wait, wait
 from ._cli_runtime import events, runtime_app
 from ._cli_sessions import load_script, sessions_app
@@ -161,6 +165,7 @@ async def _run(
 
 # listed in this order by `meerkat --help` (then the groups: sessions, inputs, runtime)
 app.command()(send)
+app.command()(peers)
 app.command()(wait)
 app.command()(events)
 app.add_typer(sessions_app)

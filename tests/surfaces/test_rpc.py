@@ -216,7 +216,8 @@ async def test_initialize_capabilities_and_unavailable_families(rpc: RpcClient) 
     caps = await rpc.call("capabilities/get")
     status = {c["id"]: c["status"] for c in caps["capabilities"]}
     assert status["sessions"] == "Available" and status["streaming"] == "Available"
-    for missing in ("skills", "mcp_live", "shell", "hooks", "comms", "mob"):
+    assert status["comms"] == "Available"  # comms/send, comms/peers: test_comms_surfaces.py
+    for missing in ("skills", "mcp_live", "shell", "hooks", "mob"):
         assert status[missing] != "Available"
 
     for method, capability in (
@@ -224,7 +225,6 @@ async def test_initialize_capabilities_and_unavailable_families(rpc: RpcClient) 
         ("mob/prefabs", "mob"),
         ("skills/list", "skills"),
         ("mcp/add", "mcp_live"),
-        ("comms/send", "comms"),
         ("models/catalog", "models"),
     ):
         err = await rpc.error(method, {})

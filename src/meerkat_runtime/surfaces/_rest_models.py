@@ -19,6 +19,8 @@ __all__ = [
     "AcceptOutcomeBody",
     "ArchivedBody",
     "CancelledBody",
+    "CommsReceiptBody",
+    "CommsSendRequest",
     "CreateSessionRequest",
     "CreatedSession",
     "DeferredSession",
@@ -28,6 +30,8 @@ __all__ = [
     "InputListBody",
     "InputStateBody",
     "InterruptedBody",
+    "PeerBody",
+    "PeersBody",
     "RecoverBody",
     "RunResultBody",
     "RuntimeReportBody",
@@ -233,6 +237,35 @@ class WebhookAcceptedBody(BaseModel):
     existing_id: str | None = None
 
 
+class CommsReceiptBody(_Open):
+    """A peer send's receipt: ``peer_message_sent{envelope_id, acked}``,
+    ``peer_request_sent{envelope_id, interaction_id (the request id), stream_reserved}`` or
+    ``peer_response_sent{envelope_id, in_reply_to}``."""
+
+    kind: Literal["peer_message_sent", "peer_request_sent", "peer_response_sent"]
+    envelope_id: str
+    acked: bool | None = None
+    interaction_id: str | None = None
+    stream_reserved: bool | None = None
+    in_reply_to: str | None = None
+
+
+class PeerBody(_Open):
+    """A peer: another named, non-archived session of the store."""
+
+    name: str
+    peer_id: str = Field(description="the peer's session id")
+    address: str
+    source: str
+    sendable_kinds: list[str]
+    capabilities: dict[str, Any]
+    meta: dict[str, Any]
+
+
+class PeersBody(BaseModel):
+    peers: list[PeerBody]
+
+
 # ------------------------------------------------------------------ request bodies
 
 
@@ -253,6 +286,14 @@ class CreateSessionRequest(_Open):
     labels: dict[str, str] | None = None
     additional_instructions: list[str] | None = None
     idempotency_key: str | None = None
+    comms_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="makes the session a comms peer; unique among non-archived sessions",
+    )
+    peer_meta: dict[str, Any] | None = Field(
+        None, description="not kept by this runtime: refused unless empty"
+    )
 
 
 class TurnRequestBody(_Open):
@@ -277,6 +318,28 @@ class SystemContextRequest(BaseModel):
     idempotency_key: str | None = None
 
 
+class CommsSendRequest(_Open):
+    """A peer message, request or response from ``session_id`` (it needs a comms name). What
+    each kind takes: message ``to, body``; request ``to, intent, params?``; response
+    ``in_reply_to, status, result?, to?``. 0.4.10's ``peer_*`` kind names are accepted."""
+
+    session_id: str = Field(min_length=1, description="the sending session")
+    kind: Literal["message", "request", "response", "peer_message", "peer_request", "peer_response"]
+    to: str | None = Field(None, description="the peer's comms name")
+    body: str | None = Field(None, description="message text")
+    intent: str | None = Field(None, description="what a request asks for")
+    params: dict[str, Any] | None = Field(None, description="a request's parameters")
+    in_reply_to: str | None = Field(None, description="the request id a response answers")
+    status: (
+        Literal["accepted", "in_progress", "partial_result", "completed", "failed", "cancelled"]
+        | None
+    ) = None
+    result: Any = Field(None, description="a response's result: any JSON value")
+    envelope_id: str | None = Field(
+        None, description="a UUID; the idempotency key of the send (minted when left out)"
+    )
+
+
 class InputRequest(_Open):
     """An ``Input`` JSON document (tag ``input_type``: prompt, peer, flow_step,
     external_event, system_generated, projected), as in Meerkat 0.4.10."""
@@ -290,4 +353,5 @@ REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     TurnRequestBody,
     SystemContextRequest,
     InputRequest,
+    CommsSendRequest,
 )

@@ -53,7 +53,10 @@ from .common import (
     SurfaceError,
     TurnRequest,
     classify,
+    comms_peers,
+    comms_send,
     create_session,
+    parse_comms_send,
     parse_create,
     parse_turn,
     reject_error,
@@ -85,7 +88,6 @@ _UNAVAILABLE_FAMILIES = {
     "mob/": ("mob", "mobs"),
     "skills/": ("skills", "skills"),
     "mcp/": ("mcp_live", "MCP servers"),
-    "comms/": ("comms", "peer comms"),
     "models/": ("models", "a model catalog"),
 }
 
@@ -99,7 +101,7 @@ _CAPABILITIES: tuple[tuple[str, str, str | None], ...] = (
     ("hooks", "Hooks", "hooks"),
     ("builtins", "Built-in tools", "builtins"),
     ("shell", "Shell tool", "shell"),
-    ("comms", "Inter-agent comms", "comms"),
+    ("comms", "Peer comms between named sessions of the store (comms/send, comms/peers)", None),
     ("memory_store", "Semantic memory", "memory"),
     ("session_compaction", "Context compaction", "compaction"),
     ("skills", "Skills", "skills"),
@@ -247,6 +249,8 @@ class RpcServer:
             "input/list": self.input_list,
             "input/wait": self.input_wait,
             "input/cancel": self.input_cancel,
+            "comms/send": self.comms_send,
+            "comms/peers": self.comms_peers,
             "config/get": self.config_get,
             "config/set": self.config_set,
             "config/patch": self.config_patch,
@@ -806,6 +810,16 @@ class RpcServer:
                 "not_found", f"no input {iid} in session {sid}", session_id=sid, input_id=iid
             ) from None
         return state.to_json_dict()
+
+    # -------------------------------------------------------------- peer comms
+
+    async def comms_send(self, params: dict[str, Any]) -> dict[str, Any]:
+        req = parse_comms_send(params)
+        return await comms_send(self.rt, req)
+
+    async def comms_peers(self, params: dict[str, Any]) -> dict[str, Any]:
+        sid = await self._session(params, allow_archived=True)
+        return {"peers": await comms_peers(self.rt, sid, meta=False)}
 
     # -------------------------------------------------------------- config
 

@@ -18,12 +18,14 @@ Invariants:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
 from .._time import format_ts
+from ..comms import SENDABLE_KINDS, validate_comms_name
 from ..core._schema import SchemaValidator
 from ..core.lifecycle import Message, RunResult, RuntimeTurnMetadata, Usage
 from ..errors import (
@@ -53,13 +55,19 @@ from ..sessions import HistoryPage, SessionView
 from ..store.base import StoreError
 
 __all__ = [
+    "COMMS_KINDS",
     "ERROR_CODES",
+    "CommsSendRequest",
     "CreateRequest",
     "ErrorCode",
     "SurfaceError",
     "TurnRequest",
     "classify",
+    "comms_error",
+    "comms_peers",
+    "comms_send",
     "create_session",
+    "parse_comms_send",
     "parse_create",
     "parse_turn",
     "reject_error",
@@ -340,6 +348,26 @@ class CreateRequest:
     settings: dict[str, Any] = field(default_factory=dict)
     metadata: RuntimeTurnMetadata | None = None
     idempotency_key: str | None = None
+    comms_name: str | None = None
+
+
+def _comms_name(params: dict[str, Any]) -> str | None:
+    """``comms_name`` (checked against the name pattern here; uniqueness at creation) and
+    ``peer_meta``, which this runtime does not keep: refused unless empty."""
+    peer_meta = params.get("peer_meta")
+    if peer_meta:
+        raise SurfaceError(
+            "unsupported",
+            "peer_meta: this runtime keeps no peer metadata (peers list `meta: {}`); leave it out",
+            field="peer_meta",
+        )
+    name = params.get("comms_name")
+    if name is None:
+        return None
+    try:
+        return validate_comms_name(name)
+    except InvalidArgumentError as exc:
+        raise SurfaceError("bad_request", str(exc), field="comms_name") from None
 
 
 def parse_create(params: dict[str, Any], *, default_model: str = "offline") -> CreateRequest:
@@ -391,6 +419,7 @@ def parse_create(params: dict[str, Any], *, default_model: str = "offline") -> C
         settings=settings,
         metadata=meta,
         idempotency_key=_opt(params, "idempotency_key", str, "a string"),
+        comms_name=_comms_name(params),
     )
 
 
@@ -406,10 +435,11 @@ async def create_session(rt: Runtime, req: CreateRequest) -> str:
             system_prompt=req.system_prompt,
             labels=req.labels,
             deferred_prompt=req.prompt if req.deferred and req.prompt else None,
+            comms_name=req.comms_name,
             **req.settings,
         )
     except MeerkatRuntimeError as exc:
-        raise classify(exc) from None
+        raise _with_field(classify(exc)) from None
     return info.id
 
 
@@ -489,6 +519,172 @@ def turn_result(session_id: str, outcome: WaitOutcome) -> dict[str, Any]:
             input_id=iid,
         )
     raise SurfaceError("internal", f"unexpected outcome {outcome!r}")
+
+
+# ------------------------------------------------------------------ peer comms
+
+COMMS_KINDS: dict[str, str] = {
+    "message": "message",
+    "request": "request",
+    "response": "response",
+    "peer_message": "message",
+    "peer_request": "request",
+    "peer_response": "response",
+}
+"""``comms/send`` kinds: ours, and 0.4.10's ``peer_*`` names for the same things."""
+
+_COMMS_FIELDS = (
+    "session_id",
+    "kind",
+    "to",
+    "body",
+    "intent",
+    "params",
+    "in_reply_to",
+    "status",
+    "result",
+    "envelope_id",
+    "comms_name",
+)
+_FIELD_PREFIX = re.compile(r"^([a-z_]+): ")
+_UNDELIVERED = re.compile(r" was not delivered \(([a-z_]+)\): ")
+
+
+@dataclass(slots=True)
+class CommsSendRequest:
+    """A ``comms/send`` / ``POST /comms/send`` request, types checked (the comms service
+    checks what each kind needs)."""
+
+    session_id: str
+    kind: str
+    to: str | None = None
+    body: str | None = None
+    intent: str | None = None
+    params: dict[str, Any] | None = None
+    in_reply_to: str | None = None
+    status: str | None = None
+    result: Any = None
+    envelope_id: str | None = None
+
+
+def parse_comms_send(params: dict[str, Any]) -> CommsSendRequest:
+    """A peer send: ``{session_id, kind, to?, body?, intent?, params?, in_reply_to?, status?,
+    result?, envelope_id?}``. ``kind`` is ``message``, ``request`` or ``response`` (0.4.10's
+    ``peer_message``, ``peer_request``, ``peer_response`` too); 0.4.10's ``input`` kind and
+    ``stream`` / ``allow_self_session`` / ``source`` are refused as unsupported."""
+    if not isinstance(params, dict):
+        raise SurfaceError("bad_request", "expected a JSON object")
+    sid = _require_text(params, "session_id")
+    raw_kind = params.get("kind")
+    if not isinstance(raw_kind, str):
+        got = "nothing" if raw_kind is None else type(raw_kind).__name__
+        raise _bad("kind", f"expected one of {', '.join(SENDABLE_KINDS)}, got {got}")
+    if raw_kind == "input":
+        raise SurfaceError(
+            "unsupported",
+            "kind: 'input' (an input into the session's own inbox) is not a peer send; send "
+            "a prompt with turn/start or POST /sessions/{id}/messages",
+            field="kind",
+        )
+    kind = COMMS_KINDS.get(raw_kind)
+    if kind is None:
+        raise _bad(
+            "kind",
+            f"unknown kind {raw_kind!r}; expected one of {', '.join(SENDABLE_KINDS)} (0.4.10's "
+            "peer_message, peer_request, peer_response are accepted too)",
+        )
+    for key in ("stream", "allow_self_session", "source"):
+        if params.get(key):
+            raise SurfaceError(
+                "unsupported",
+                f"{key}: not supported by this runtime's peer comms (leave it out)",
+                field=key,
+            )
+    peer_params = params.get("params")
+    if peer_params is not None and not isinstance(peer_params, dict):
+        raise _bad("params", f"expected a JSON object, got {type(peer_params).__name__}")
+    return CommsSendRequest(
+        session_id=sid,
+        kind=kind,
+        to=_opt(params, "to", str, "a peer's comms name (a string)"),
+        body=_opt(params, "body", str, "a string"),
+        intent=_opt(params, "intent", str, "a string"),
+        params=peer_params,
+        in_reply_to=_opt(params, "in_reply_to", str, "a request id (a string)"),
+        status=_opt(params, "status", str, "a string"),
+        result=params.get("result"),
+        envelope_id=_opt(params, "envelope_id", str, "a UUID string"),
+    )
+
+
+def _with_field(err: SurfaceError) -> SurfaceError:
+    """``err`` with ``field`` set from its message when the message starts with a known
+    field name (the comms service's messages do: ``to: unknown peer 'x'; ...``)."""
+    match = _FIELD_PREFIX.match(err.message)
+    if match and match.group(1) in _COMMS_FIELDS and err.code == "bad_request":
+        err.details.setdefault("field", match.group(1))
+    return err
+
+
+def comms_error(exc: BaseException) -> SurfaceError:
+    """The ``SurfaceError`` for a failed peer send: a target that refused the input keeps its
+    reject code (``not_ready``, ``queue_full``, ``too_large``, ``idempotency_conflict``,
+    ``invalid``); bad input is ``bad_request`` naming the field; an unknown sender
+    ``not_found``."""
+    if isinstance(exc, InvalidOperationError):
+        match = _UNDELIVERED.search(str(exc))
+        if match is not None:
+            reject = match.group(1)
+            code = _REJECT_CODES.get(reject)
+            if code is None:
+                code = "bad_request" if isinstance(exc, InvalidArgumentError) else "conflict"
+            return SurfaceError(code, str(exc), reject_code=reject)
+    return _with_field(classify(exc))
+
+
+async def comms_send(rt: Runtime, req: CommsSendRequest) -> dict[str, Any]:
+    """Send from ``req.session_id`` to a peer; the receipt (``peer_message_sent``,
+    ``peer_request_sent``, ``peer_response_sent``). An unknown sender is ``not_found``, an
+    archived one ``bad_request`` with ``archived: true``; nothing is delivered on error."""
+    try:
+        await rt.start()
+        record = await rt.store.load_session(req.session_id)
+        if record is None:
+            raise SessionNotFoundError(req.session_id)
+        if record.archived:
+            raise SurfaceError(
+                "bad_request",
+                f"session_id: session {req.session_id} is archived; an archived session sends "
+                "nothing",
+                field="session_id",
+                archived=True,
+            )
+        return await rt.comms_send(
+            req.session_id,
+            kind=req.kind,
+            to=req.to,
+            body=req.body,
+            intent=req.intent,
+            params=req.params,
+            in_reply_to=req.in_reply_to,
+            status=req.status,
+            result=req.result,
+            envelope_id=req.envelope_id,
+        )
+    except (MeerkatRuntimeError, StoreError) as exc:
+        raise comms_error(exc) from None
+
+
+async def comms_peers(rt: Runtime, session_id: str, *, meta: bool = True) -> list[dict[str, Any]]:
+    """The session's peers (``{name, peer_id, address, source, sendable_kinds,
+    capabilities, meta}``; without ``meta`` for JSON-RPC, as 0.4.10)."""
+    try:
+        peers = await rt.peers(session_id)
+    except (MeerkatRuntimeError, StoreError) as exc:
+        raise classify(exc) from None
+    if not meta:
+        peers = [{k: v for k, v in p.items() if k != "meta"} for p in peers]
+    return peers
 
 
 # ------------------------------------------------------------------ wire shapes

@@ -66,6 +66,7 @@ from ._rest_models import (
     AcceptOutcomeBody,
     ArchivedBody,
     CancelledBody,
+    CommsReceiptBody,
     CreatedSession,
     ErrorBody,
     HealthBody,
@@ -73,6 +74,7 @@ from ._rest_models import (
     InputListBody,
     InputStateBody,
     InterruptedBody,
+    PeersBody,
     RecoverBody,
     RunResultBody,
     RuntimeReportBody,
@@ -101,7 +103,10 @@ from .common import (
     SurfaceError,
     TurnRequest,
     classify,
+    comms_peers,
+    comms_send,
     create_session,
+    parse_comms_send,
     parse_create,
     parse_turn,
     reject_error,
@@ -931,6 +936,48 @@ def _add_routes(app: FastAPI, state: _AppState) -> None:
             }
         )
 
+    # -------------------------------------------------------------- peer comms
+
+    @app.post(
+        "/comms/send",
+        response_model=CommsReceiptBody,
+        summary="Send a peer message, request or response",
+        description=(
+            "From `session_id` (a session with a comms name) to a peer of the store, as a "
+            "durable `peer` input accepted into the peer's inbox (docs/comms.md). Answers the "
+            "receipt. `envelope_id` makes retries safe: the same envelope id answers the same "
+            "receipt and delivers nothing new. Bad input (unknown or archived peer, a missing "
+            "or misplaced field, a response to a request that is not outstanding, an archived "
+            "or unnamed sender) is 400 naming the field; an unknown sender 404; a target that "
+            "refused the input keeps its reject code: 413 `too_large`, 429 `queue_full`, 503 "
+            "`not_ready` (retired), 409 `conflict` (envelope id reused for other content). "
+            "Nothing is delivered on any error."
+        ),
+        responses=_errors(404, 409, 429),
+        openapi_extra=_body("CommsSendRequest", "the send"),
+        tags=["comms"],
+    )
+    async def send_to_peer(request: Request) -> JSONResponse:
+        req = parse_comms_send(await _json_object(request))
+        return JSONResponse(await comms_send(state.rt(), req))
+
+    @app.get(
+        "/comms/peers",
+        response_model=PeersBody,
+        summary="The session's peers",
+        description=(
+            "The other named, non-archived sessions of the store, oldest first: "
+            "`{name, peer_id (session id), address, source, sendable_kinds, capabilities, "
+            "meta}`."
+        ),
+        responses=_errors(404),
+        tags=["comms"],
+    )
+    async def list_peers(
+        session_id: str = Query(..., min_length=1, description="the session asking"),
+    ) -> JSONResponse:
+        return JSONResponse({"peers": await comms_peers(state.rt(), session_id)})
+
     # -------------------------------------------------------------- webhooks
 
     @app.post(
@@ -1173,7 +1220,9 @@ def serve(
         webhook_secret=webhook_secret,
         webhook_secrets=webhook_secrets,
     )
-    server = _server_for(app, host=host, port=port)
+    # the per-request access log is opt-in (MEERKAT_ACCESS_LOG=1): it is ~7 % of a request
+    access_log = os.environ.get("MEERKAT_ACCESS_LOG", "") not in ("", "0", "false", "no")
+    server = _server_for(app, host=host, port=port, access_log=access_log)
     server.run()
     if not server.started:
         raise RuntimeError(f"the REST server did not start on {host}:{port} (see the log)")
