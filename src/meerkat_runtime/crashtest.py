@@ -52,11 +52,38 @@ finishes, and checks, from the database and the child's files:
     at most once (it may have run before the crash, its result lost), and every logged
     execution belongs to a tool call committed in its session's conversation (S6).
 
+(f) peer comms (``check_comms``): every acknowledged comms send (a receipt ``comms_send``
+    returned, written to the comms ack log only afterwards) is delivered exactly once at its
+    target (one input per envelope id, found by its correlation id in the target's input
+    states), terminal, its waiter resolved; every request delivered was recorded at its
+    requester first (S20); no response was accepted for a request that was not outstanding
+    (unknown, sent to another peer, recorded after the response, or closed before a
+    progress response); every request is closed by at most one terminal response, and a
+    closed one by exactly the one its record names, in the same transaction; what the
+    agents' ``send_request`` / ``respond`` tools returned was delivered (once; an
+    interrupted call at most once).
+
 The workload (``_workload``): two sessions, each with two or three durable prompts and, at
 random, an ephemeral prompt, a derived projected input, a peer message, progress responses
 and a system notice; each session's script makes every run call a real tool (``lookup`` or
 ``lookup_sync``, now and then both in parallel; a checkpoint) before answering, and now and
 then fails transiently before or after the boundary (S4, S5).
+
+A share of the trials (``run_crashtest(comms=...)``, 0.3 by default) runs the comms workload
+instead (``_comms_workload``): sessions ``crash-coord`` and ``crash-worker`` with comms names;
+the coordinator's inputs include requests and messages to the worker, *sent* with
+``comms_send`` (envelope ids fixed per input, so a restarted child re-sends and is
+deduplicated, S11), and the child's responder (the application behind the sessions) answers
+every request delivered to the worker with a progress and a terminal response (envelope ids
+fixed per request and status). At random the worker runs in a second ``Runtime`` of the child
+(its own owner id: requests and responses cross the durable inboxes, S10), the worker's agent
+answers first with the ``respond`` tool, the coordinator's agent sends a request of its own
+with ``send_request``, and a bogus progress response to no request is offered (refused,
+S20). After every kill the trial notes what was in flight (``comms_situation``: a request
+queued at its target or in its inbox, a terminal response accepted but not applied or in the
+requester's inbox, a request recorded but not delivered). The restarted child waits until
+comms settle (no pending input, empty inboxes, every delivered request closed) before it
+writes its outcomes.
 
 ``recovery.after`` is only passed by a recovery that had something to reconcile, so its trials
 first kill the child at another point (a *setup* kill), then arm ``recovery.after`` for the
@@ -82,6 +109,7 @@ import json
 import logging
 import os
 import random
+import re
 import selectors
 import shutil
 import signal
@@ -92,10 +120,12 @@ import tempfile
 import threading
 import time
 import traceback
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -103,23 +133,32 @@ from . import _crash, _ids
 from ._crash import POINTS as CRASH_POINTS
 from ._ids import InputId, RunId
 from ._json import canonical_bytes
+from .comms import comms_tools
 from .core.agent import INTERRUPTED_TOOL_RESULT, AgentConfig, AgentExecutor
 from .core.lifecycle import CoreExecutor, RunResult, ToolCall
 from .core.tools import ToolContext, ToolRegistry
-from .errors import InputNotFoundError, SessionNotFoundError
+from .errors import (
+    InputNotFoundError,
+    InvalidArgumentError,
+    InvalidOperationError,
+    SessionNotFoundError,
+)
 from .host import Runtime
 from .llm.offline import OfflineModel, ToolBehaviour
 from .runtime.driver import Rebuilders, RuntimeConfig
-from .runtime.input_state import InputState, ProjectionSource
+from .runtime.input_state import InputLifecycleState, InputState, ProjectionSource
 from .runtime.inputs import (
     Input,
     InputDurability,
     MessageConvention,
     PeerInput,
+    PeerOrigin,
     ProjectedInput,
     PromptInput,
+    RequestConvention,
     ResponseProgressConvention,
     ResponseProgressPhase,
+    ResponseTerminalConvention,
     SystemGeneratedInput,
 )
 from .runtime.outcomes import Deduplicated, Rejected, outcome_of
@@ -135,6 +174,7 @@ __all__ = [
     "Ack",
     "ChildRun",
     "ChildSpec",
+    "CommsAck",
     "CrashtestReport",
     "DbView",
     "InputSpec",
@@ -145,14 +185,19 @@ __all__ = [
     "TrialResult",
     "Violation",
     "Zygote",
+    "answer_envelope",
+    "check_comms",
     "check_invariants",
     "child_main",
+    "comms_situation",
     "crash_policy",
     "crash_rebuilders",
     "crash_tools",
+    "envelope_for",
     "idempotency_key",
     "input_for",
     "read_acks",
+    "read_comms_acks",
     "read_db",
     "read_outcomes",
     "read_reports",
@@ -176,7 +221,18 @@ Launcher = Literal["fork", "spawn"]
 
 # ==================================================================================== spec
 
-InputType = Literal["prompt", "ephemeral", "projected", "peer_message", "progress", "system"]
+InputType = Literal[
+    "prompt",
+    "ephemeral",
+    "projected",
+    "peer_message",
+    "progress",
+    "system",
+    "comms_message",
+    "comms_request",
+]
+COMMS_INPUT_TYPES: tuple[str, ...] = ("comms_message", "comms_request")
+"""Input types the child sends with ``Runtime.comms_send`` instead of ``accept``."""
 
 
 @dataclass(slots=True)
@@ -185,19 +241,36 @@ class InputSpec:
     projected input (system origin, ``projection{RULE_ID, <session>:event:<index>}``), a peer
     message (joins an active run at its next checkpoint, S1/S16), a peer progress response
     (never wakes; coalesced with its like at a run start or checkpoint, S3) or a system notice
-    (``inject_now``: a context append with no model call, consumed at its boundary)."""
+    (``inject_now``: a context append with no model call, consumed at its boundary).
+
+    ``comms_message`` and ``comms_request`` are not accepted but *sent*: the child calls
+    ``Runtime.comms_send`` from the session (it needs a comms name) to the peer named ``to``,
+    with the envelope id ``envelope_for(session, index)`` (the same in every process, so a
+    re-send is deduplicated, S11); ``text`` is the message body or the request's intent."""
 
     type: InputType = "prompt"
     text: str = ""
+    to: str = ""  # comms_*: the target's comms name
 
 
 @dataclass(slots=True)
 class SessionSpec:
-    """A session with a fixed id, its offline script and its inputs (in acceptance order)."""
+    """A session with a fixed id, its offline script and its inputs (in acceptance order).
+
+    ``comms_name`` makes it a comms peer (its agent is offered the comms tools; the child's
+    responder answers the requests delivered to it, see ``answer_after``). ``secondary``: the
+    child runs it in a second ``Runtime`` with its own owner id, so comms between it and the
+    other sessions cross the durable inbox (S10) as between two processes.
+    ``answer_after``: seconds the child's responder waits, after it first sees a request
+    delivered to this session, before it answers it (so the agent, when its script calls
+    ``respond``, may answer first); the restarted child's final pass answers at once."""
 
     id: str
     script: list[dict[str, Any]] = field(default_factory=list)
     inputs: list[InputSpec] = field(default_factory=list)
+    comms_name: str | None = None
+    secondary: bool = False
+    answer_after: float = 0.0
 
 
 @dataclass(slots=True)
@@ -229,12 +302,14 @@ class ChildSpec:
     shutdown_grace: float = 1.0
     accept_gap: float = 0.0
     tool_log: str = ""  # the side-effect log; "" = ``tools.jsonl`` next to the database
+    comms_log: str = ""  # the comms ack log; "" = ``comms.jsonl`` next to the database
 
     @classmethod
     def in_dir(cls, directory: Path, sessions: list[SessionSpec], **options: Any) -> ChildSpec:
         """A spec whose database and files live in ``directory``."""
         d = directory.absolute()
         options.setdefault("tool_log", str(d / "tools.jsonl"))
+        options.setdefault("comms_log", str(d / "comms.jsonl"))
         return cls(
             db=str(d / "crash.db"),
             ack_log=str(d / "acks.jsonl"),
@@ -249,6 +324,19 @@ class ChildSpec:
         """Where the child's tools log their executions (see ``read_tool_log``)."""
         return Path(self.tool_log) if self.tool_log else Path(self.db).with_name("tools.jsonl")
 
+    @property
+    def comms_log_path(self) -> Path:
+        """Where the child logs the receipts of its comms sends (see ``read_comms_acks``)."""
+        return Path(self.comms_log) if self.comms_log else Path(self.db).with_name("comms.jsonl")
+
+    @property
+    def uses_comms(self) -> bool:
+        return any(s.comms_name for s in self.sessions)
+
+    def session_named(self, comms_name: str) -> str | None:
+        """The id of the spec's session with that comms name."""
+        return next((s.id for s in self.sessions if s.comms_name == comms_name), None)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
 
@@ -260,6 +348,9 @@ class ChildSpec:
                 id=str(s["id"]),
                 script=list(s.get("script", [])),
                 inputs=[InputSpec(**i) for i in s.get("inputs", [])],
+                comms_name=s.get("comms_name"),
+                secondary=bool(s.get("secondary", False)),
+                answer_after=float(s.get("answer_after", 0.0)),
             )
             for s in doc.pop("sessions")
         ]
@@ -279,9 +370,26 @@ def idempotency_key(session_id: str, index: int) -> str:
     return f"crashtest:{session_id}:{index}"
 
 
+_ENVELOPES = uuid.UUID("6f1c2a8e-4d0b-5e7a-9c3f-2b8d1e6a0c57")
+
+
+def envelope_for(session_id: str, index: int) -> str:
+    """The envelope id of the ``index``-th input of a session when it is a comms send: a
+    UUIDv5 of its idempotency key, the same in every process (S11)."""
+    return str(uuid.uuid5(_ENVELOPES, idempotency_key(session_id, index)))
+
+
+def answer_envelope(request_id: str, status: str) -> str:
+    """The envelope id of the child's responder's ``status`` response to ``request_id``: the
+    same in every process, so a responder restarted after a crash re-sends, never sends anew."""
+    return str(uuid.uuid5(_ENVELOPES, f"crashtest:answer:{request_id}:{status}"))
+
+
 def input_for(session_id: str, index: int, spec: InputSpec) -> Input:
     """The input for ``spec``: a fresh id, but content (and so content hash) that depends only
     on the session, the index and the spec, so a re-submission is a duplicate."""
+    if spec.type in COMMS_INPUT_TYPES:
+        raise ValueError(f"a {spec.type} is sent with comms_send, not accepted as an input")
     key = idempotency_key(session_id, index)
     text = spec.text or f"{session_id} input {index} ({spec.type})"
     if spec.type == "prompt":
@@ -357,6 +465,53 @@ def read_acks(path: Path | str) -> list[Ack]:
                     str(doc["input_id"]),
                     str(doc["ack"]),
                     str(doc["durability"]),
+                    int(doc["pid"]),
+                )
+            )
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class CommsAck:
+    """One line of the comms ack log: a receipt ``comms_send`` returned to the child, written
+    (one ``write``, ``fsync``-ed) only after the call returned. ``by`` is ``child`` for the
+    workload's sends (``index`` is the input's index) and ``responder`` for the child's
+    answers to requests (``index`` -1). ``target`` is the receiving session's id;
+    ``request_id`` the request's id (a request's receipt, or the request a response answers);
+    ``status`` a response's status."""
+
+    by: str
+    sender: str
+    target: str
+    kind: str  # message | request | response
+    envelope_id: str
+    request_id: str
+    status: str
+    index: int
+    pid: int
+
+
+def read_comms_acks(path: Path | str) -> list[CommsAck]:
+    """The comms ack log's lines in order (a torn last line is skipped, as in ``read_acks``)."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    out: list[CommsAck] = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            doc = json.loads(line)
+            out.append(
+                CommsAck(
+                    str(doc["by"]),
+                    str(doc["sender"]),
+                    str(doc["target"]),
+                    str(doc["kind"]),
+                    str(doc["envelope_id"]),
+                    str(doc.get("request_id") or ""),
+                    str(doc.get("status") or ""),
+                    int(doc["index"]),
                     int(doc["pid"]),
                 )
             )
@@ -497,55 +652,101 @@ def crash_tools(
     return registry
 
 
+def _executor_factory(
+    rt: Runtime, scripts: Mapping[str, list[dict[str, Any]]], tools: ToolRegistry
+) -> Callable[[SessionRecord], CoreExecutor | None]:
+    """Builds a session's agent from the spec's script (it wins over the stored one, so a
+    restart may change timings), with the kit's tools and, for a session with a comms name,
+    the comms tools over ``rt`` (as ``create_session`` builds it)."""
+    comms: list[ToolRegistry] = []
+
+    def factory(record: SessionRecord) -> CoreExecutor | None:
+        script = scripts.get(record.session_id)
+        if script is None:
+            return None
+        session_tools = tools
+        if record.config.get("comms_name"):
+            if not comms:
+                comms.append(comms_tools(rt))
+            session_tools = tools.merged(comms[0])
+        return AgentExecutor(
+            AgentConfig(offline_script=script), session_id=record.session_id, tools=session_tools
+        )
+
+    return factory
+
+
 async def _child(spec: ChildSpec) -> int:
     scripts = {s.id: s.script for s in spec.sessions}
     # every session's agent gets them: the one create_session builds (through the Runtime)
     # and the executor factory's
     tools = crash_tools(scripts, spec.tool_log_path)
-
-    def executor_factory(record: SessionRecord) -> CoreExecutor | None:
-        # the spec's script wins over the stored one, so a restart may change timings
-        script = scripts.get(record.session_id)
-        if script is None:
-            return None
-        return AgentExecutor(
-            AgentConfig(offline_script=script),
-            session_id=record.session_id,
-            tools=tools,
-        )
-
     config = RuntimeConfig(
         max_attempts=spec.max_attempts,
         backoff_base=spec.backoff_base,
         backoff_max=spec.backoff_max,
         shutdown_grace=spec.shutdown_grace,
     )
-    rt = Runtime(
-        SqliteStore(spec.db),
-        policy=crash_policy(spec.derived_policy),
-        config=config,
-        rebuilders=crash_rebuilders(),
-        executor_factory=executor_factory,
-        lease_ttl=spec.lease_ttl,
-        poll_interval=spec.poll_interval,
-        owner_id=spec.owner_id,
-        tools=tools,
-    )
+
+    def runtime(owner_id: str | None, recover_on_open: bool) -> Runtime:
+        rt = Runtime(
+            SqliteStore(spec.db),
+            policy=crash_policy(spec.derived_policy),
+            config=config,
+            rebuilders=crash_rebuilders(),
+            lease_ttl=spec.lease_ttl,
+            poll_interval=spec.poll_interval,
+            owner_id=owner_id,
+            recover_on_open=recover_on_open,
+            tools=tools,
+        )
+        rt.executor_factory = _executor_factory(rt, scripts, tools)
+        return rt
+
+    primary = runtime(spec.owner_id, True)
+    second: Runtime | None = None
+    if any(s.secondary for s in spec.sessions):
+        # a second owner in the same process: what it sends to the primary's sessions, and
+        # they to it, crosses the durable inbox (S10); one SIGKILL kills both
+        second = runtime(None if spec.owner_id is None else f"{spec.owner_id}.second", False)
+    owners = {s.id: (second if s.secondary and second else primary) for s in spec.sessions}
     # every id acknowledged to any process of this trial is waited for (S12: also after a
     # restart); dict keeps first-ack order
     waiting: dict[str, str] = {a.input_id: a.session for a in read_acks(spec.ack_log)}
     rejected: list[dict[str, Any]] = []
-    async with rt:
+    refused: list[dict[str, Any]] = []
+    unsettled: str | None = None
+    async with contextlib.AsyncExitStack() as stack:
+        if second is not None:
+            # the second runtime takes its sessions first (the primary recovers every session
+            # with pending inputs when it opens, and would take them too)
+            await stack.enter_async_context(second)
+            await _claim(second, [s for s in spec.sessions if s.secondary], spec)
+        await stack.enter_async_context(primary)
         for s in spec.sessions:
-            try:
-                await rt.get_session(s.id)
-            except SessionNotFoundError:
-                await rt.create_session(session_id=s.id, offline_script=s.script)
+            if not s.secondary or second is None:
+                await _ensure_session(primary, s)
         fd = os.open(spec.ack_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        comms_fd = os.open(spec.comms_log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        stack.callback(os.close, comms_fd)
+        final = asyncio.Event()
+        stop = asyncio.Event()
+        responder: asyncio.Task[None] | None = None
+        if spec.uses_comms:
+            responder = asyncio.create_task(
+                _responder(spec, owners, comms_fd, final, stop, refused), name="crash-responder"
+            )
+            # stopped before the ack log's descriptor is closed (the stack unwinds in reverse)
+            stack.push_async_callback(_cancel, responder)
         try:
             for sid, index, ispec in spec.accept_order():
+                if ispec.type in COMMS_INPUT_TYPES:
+                    await _send(spec, owners[sid], sid, index, ispec, comms_fd, refused)
+                    if spec.accept_gap > 0:
+                        await asyncio.sleep(spec.accept_gap)
+                    continue
                 inp = input_for(sid, index, ispec)
-                outcome = await rt.accept(sid, inp)
+                outcome = await owners[sid].accept(sid, inp)
                 if isinstance(outcome, Rejected):
                     rejected.append(
                         {
@@ -575,22 +776,300 @@ async def _child(spec: ChildSpec) -> int:
         finally:
             os.close(fd)
         docs = await asyncio.gather(
-            *(_outcome_doc(rt, sid, iid, spec.wait_timeout) for iid, sid in waiting.items())
+            *(
+                _outcome_doc(owners.get(sid, primary), sid, iid, spec.wait_timeout)
+                for iid, sid in waiting.items()
+            )
         )
         lines = [
             json.dumps({"session": sid, "input_id": iid, "outcome": doc}, separators=(",", ":"))
             for (iid, sid), doc in zip(waiting.items(), docs, strict=True)
         ]
+        if responder is not None:
+            final.set()  # answer every open request at once
+            unsettled = await _settle(spec, primary, responder)
+            stop.set()
+            await responder
+            lines.extend(await _comms_outcomes(spec, owners, primary))
         _replace_file(Path(spec.outcomes), "".join(line + "\n" for line in lines))
         fd = os.open(spec.report, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             _append_durably(
                 fd,
-                {"pid": os.getpid(), "recovery_reports": rt.recovery_reports, "rejected": rejected},
+                {
+                    "pid": os.getpid(),
+                    "recovery_reports": {
+                        **(second.recovery_reports if second is not None else {}),
+                        **primary.recovery_reports,
+                    },
+                    "rejected": rejected,
+                    "comms_refused": refused,
+                    "comms_unsettled": unsettled,
+                },
             )
         finally:
             os.close(fd)
     return 0
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _ensure_session(rt: Runtime, s: SessionSpec) -> None:
+    try:
+        await rt.get_session(s.id)
+    except SessionNotFoundError:
+        await rt.create_session(session_id=s.id, offline_script=s.script, comms_name=s.comms_name)
+
+
+async def _claim(rt: Runtime, sessions: Sequence[SessionSpec], spec: ChildSpec) -> None:
+    """Create (or load) the second runtime's sessions and take their leases, waiting for a
+    killed predecessor's to expire (an owner id of its own: a ``takeover`` trial)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 2 * spec.lease_ttl + 1.0
+    for s in sessions:
+        await _ensure_session(rt, s)
+        while loop.time() < deadline:
+            if await rt.load(s.id) is not None:
+                break
+            await asyncio.sleep(spec.poll_interval)
+
+
+async def _send(
+    spec: ChildSpec,
+    rt: Runtime,
+    sid: str,
+    index: int,
+    ispec: InputSpec,
+    fd: int,
+    refused: list[dict[str, Any]],
+) -> None:
+    """A workload comms send (``comms_message`` / ``comms_request``) with the same envelope id
+    in every process; the receipt goes to the comms ack log after ``comms_send`` returned."""
+    kind = "message" if ispec.type == "comms_message" else "request"
+    target = spec.session_named(ispec.to) or ""
+    envelope = envelope_for(sid, index)
+    text = ispec.text or f"{sid} {kind} {index}"
+    for attempt in range(5):
+        try:
+            if kind == "message":
+                receipt = await rt.comms_send(
+                    sid, kind="message", to=ispec.to, body=text, envelope_id=envelope
+                )
+            else:
+                receipt = await rt.comms_send(
+                    sid,
+                    kind="request",
+                    to=ispec.to,
+                    intent=text,
+                    params={"index": index},
+                    envelope_id=envelope,
+                )
+        except InvalidArgumentError as exc:  # the caller's fault: never expected here
+            refused.append(_refusal("child", sid, index, kind, envelope, exc))
+            return
+        except InvalidOperationError as exc:  # not ready (recovering) or queue full: retry
+            if attempt == 4:
+                refused.append(_refusal("child", sid, index, kind, envelope, exc))
+                return
+            await asyncio.sleep(spec.poll_interval)
+            continue
+        _append_durably(
+            fd,
+            {
+                "by": "child",
+                "sender": sid,
+                "target": target,
+                "kind": kind,
+                "envelope_id": envelope,
+                "request_id": receipt.get("interaction_id"),
+                "status": None,
+                "index": index,
+                "pid": os.getpid(),
+            },
+        )
+        return
+
+
+def _refusal(
+    by: str, sid: str, index: int, kind: str, envelope: str, exc: Exception
+) -> dict[str, Any]:
+    return {
+        "by": by,
+        "session": sid,
+        "index": index,
+        "kind": kind,
+        "envelope_id": envelope,
+        "error": type(exc).__name__,
+        "reason": str(exc),
+    }
+
+
+def _requests_at(states: Iterable[InputState]) -> Iterator[tuple[str, str]]:
+    """(request id, requester session id) of every request input among ``states``."""
+    for st in states:
+        inp = st.persisted_input
+        if isinstance(inp, PeerInput) and isinstance(inp.convention, RequestConvention):
+            src = inp.header.source
+            if isinstance(src, PeerOrigin) and src.runtime_id is not None:
+                yield inp.convention.request_id, src.runtime_id.value
+
+
+async def _responder(
+    spec: ChildSpec,
+    owners: Mapping[str, Runtime],
+    fd: int,
+    final: asyncio.Event,
+    stop: asyncio.Event,
+    refused: list[dict[str, Any]],
+) -> None:
+    """The application behind every comms session: it answers each request delivered to the
+    session (once its input is in the session's states) with a progress response
+    (``accepted``) and a terminal one (``completed``), each with ``answer_envelope(...)`` and
+    its receipt in the comms ack log. It skips a request something else (the session's agent)
+    already closed, and re-sends its own after a restart (deduplicated); a refusal is
+    recorded. Runs until ``stop``; after ``final`` it answers without ``answer_after``."""
+    loop = asyncio.get_running_loop()
+    answered: set[str] = set()
+    seen: dict[str, float] = {}
+    sessions = [s for s in spec.sessions if s.comms_name]
+    while not stop.is_set():
+        for s in sessions:
+            rt = owners[s.id]
+            # keep the session loaded, as the application running it would: a killed
+            # predecessor's lease (a takeover trial) expires meanwhile, and a session only
+            # its inbox feeds is otherwise taken over by nobody (the next process to touch it
+            # does; see the README)
+            await rt.load(s.id)
+            for rid, requester in _requests_at(await rt.store.load_input_states(s.id)):
+                if rid in answered:
+                    continue
+                first = seen.setdefault(rid, loop.time())
+                if not final.is_set() and loop.time() - first < s.answer_after:
+                    continue
+                rec = await rt.store.load_peer_request(requester, rid)
+                mine = answer_envelope(rid, "completed")
+                closed = rec is not None and rec.closed_at is not None
+                if closed and rec is not None and rec.closed_by != mine:
+                    answered.add(rid)  # answered by the session's agent
+                    continue
+                # closed by its own terminal response (before a crash): re-send only that one
+                # (deduplicated; progress after the close would be refused)
+                statuses = ("completed",) if closed else ("accepted", "completed")
+                if await _answer(rt, s.id, rid, requester, statuses, fd, refused):
+                    answered.add(rid)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), spec.poll_interval)
+
+
+async def _answer(
+    rt: Runtime,
+    sid: str,
+    rid: str,
+    requester: str,
+    statuses: Sequence[str],
+    fd: int,
+    refused: list[dict[str, Any]],
+) -> bool:
+    """Send the responder's responses to ``rid``; False to try again later."""
+    for status in statuses:
+        envelope = answer_envelope(rid, status)
+        result = {"answered_by": "responder"} if status == "completed" else None
+        try:
+            await rt.comms_send(
+                sid,
+                kind="response",
+                in_reply_to=rid,
+                status=status,
+                result=result,
+                envelope_id=envelope,
+            )
+        except InvalidArgumentError as exc:
+            # progress after the request closed (its terminal response was accepted before a
+            # crash, or the agent answered meanwhile) is refused: expected; recorded
+            refused.append(_refusal("responder", sid, -1, f"response:{status}", envelope, exc))
+            continue
+        except InvalidOperationError:
+            return False  # not ready: the next pass tries again
+        _append_durably(
+            fd,
+            {
+                "by": "responder",
+                "sender": sid,
+                "target": requester,
+                "kind": "response",
+                "envelope_id": envelope,
+                "request_id": rid,
+                "status": status,
+                "index": -1,
+                "pid": os.getpid(),
+            },
+        )
+    return True
+
+
+async def _settle(spec: ChildSpec, rt: Runtime, responder: asyncio.Task[None]) -> str | None:
+    """Wait until comms are quiet: every input of the comms sessions terminal, their inboxes
+    empty, every request delivered to them closed (twice in a row, ``wait_timeout`` at most).
+    None when they settled, else what was still busy."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + spec.wait_timeout
+    sessions = [s.id for s in spec.sessions if s.comms_name]
+    quiet = 0
+    busy: str | None = None
+    while loop.time() < deadline and not responder.done():
+        busy = await _busy(rt, sessions)
+        quiet = 0 if busy else quiet + 1
+        if quiet >= 2:
+            return None
+        await asyncio.sleep(spec.poll_interval)
+    if responder.done():
+        responder.result()  # a fault of the responder: raised, the child fails
+    return busy
+
+
+async def _busy(rt: Runtime, sessions: Sequence[str]) -> str | None:
+    for sid in sessions:
+        states = await rt.store.load_input_states(sid)
+        pending = [f"{st.input_id} {st.current_state.value}" for st in states if not st.is_terminal]
+        if pending:
+            return f"{sid} has pending inputs ({', '.join(pending)})"
+        if await rt.store.inbox_entries(sid):
+            return f"the inbox of {sid} is not empty"
+        for rid, requester in _requests_at(states):
+            rec = await rt.store.load_peer_request(requester, rid)
+            if rec is not None and rec.outstanding:
+                return f"request {rid} delivered to {sid} is not closed"
+    return None
+
+
+async def _comms_outcomes(spec: ChildSpec, owners: Mapping[str, Runtime], rt: Runtime) -> list[str]:
+    """Outcome lines for the inputs every acknowledged comms send delivered (found at the
+    target by its envelope id), from every process of the trial."""
+    acked: dict[tuple[str, str], CommsAck] = {}
+    for a in read_comms_acks(spec.comms_log_path):
+        acked.setdefault((a.target, a.envelope_id), a)
+    found: dict[tuple[str, str], str] = {}
+    for target in {t for t, _ in acked}:
+        for st in await rt.store.load_input_states(target):
+            inp = st.persisted_input
+            if inp is not None and inp.header.correlation_id is not None:
+                found.setdefault((target, str(inp.header.correlation_id)), str(st.input_id))
+    keys = [k for k in acked if k in found]
+    docs = await asyncio.gather(
+        *(_outcome_doc(owners.get(t, rt), t, found[(t, e)], spec.wait_timeout) for t, e in keys)
+    )
+    return [
+        json.dumps(
+            {"session": t, "input_id": found[(t, e)], "envelope_id": e, "outcome": doc},
+            separators=(",", ":"),
+        )
+        for (t, e), doc in zip(keys, docs, strict=True)
+    ]
 
 
 async def _outcome_doc(rt: Runtime, sid: str, iid: str, timeout: float) -> dict[str, Any]:
@@ -977,6 +1456,31 @@ class StoredRow:
 
 
 @dataclass(slots=True)
+class StoredPeerRequest:
+    """A row of ``peer_requests`` (S20); times in microseconds since the epoch."""
+
+    requester: str
+    request_id: str
+    responder: str
+    envelope_id: str
+    created_us: int
+    status: str | None = None
+    closed_us: int | None = None
+    closed_by: str | None = None
+
+    @property
+    def outstanding(self) -> bool:
+        return self.closed_us is None
+
+
+@dataclass(slots=True)
+class StoredInboxEntry:
+    seq: int
+    runtime_id: str
+    input_json: str
+
+
+@dataclass(slots=True)
 class DbView:
     """What the store holds, read with a read-only connection (never through the runtime,
     so a bug in the runtime's reads cannot hide one in its writes)."""
@@ -985,6 +1489,9 @@ class DbView:
     rows: list[StoredRow] = field(default_factory=list)
     runs: dict[str, RunRecord] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
+    comms_names: dict[str, str] = field(default_factory=dict)  # session id -> comms name
+    peer_requests: dict[tuple[str, str], StoredPeerRequest] = field(default_factory=dict)
+    inbox: list[StoredInboxEntry] = field(default_factory=list)
 
     def rows_naming(self, input_id: str) -> list[StoredRow]:
         return [r for r in self.rows if input_id in r.input_ids]
@@ -1090,6 +1597,27 @@ def _read_db(conn: sqlite3.Connection, view: DbView) -> DbView:
                 "SELECT event_json FROM events ORDER BY runtime_id, seq"
             ).fetchall()
         ]
+        for seq, rid, js in conn.execute(
+            "SELECT seq, runtime_id, input_json FROM inbox ORDER BY seq"
+        ).fetchall():
+            view.inbox.append(StoredInboxEntry(int(seq), rid, js))
+        for sid, config in conn.execute("SELECT session_id, config FROM sessions").fetchall():
+            name = json.loads(config).get("comms_name")
+            if isinstance(name, str) and name:
+                view.comms_names[sid] = name
+        try:
+            requests = conn.execute(
+                "SELECT requester_runtime_id, request_id, responder_runtime_id, envelope_id,"
+                " created_at, status, closed_at, closed_by FROM peer_requests"
+            ).fetchall()
+        except sqlite3.OperationalError as exc:  # a database from before schema 3
+            if "no such table" not in str(exc):
+                raise
+            requests = []
+        for req, rid, resp, env, created, status, closed, closed_by in requests:
+            view.peer_requests[(req, rid)] = StoredPeerRequest(
+                req, rid, resp, env, int(created), status, closed, closed_by
+            )
         conn.execute("COMMIT")
     finally:
         conn.close()
@@ -1163,15 +1691,323 @@ def _check_tool_log(db: DbView, log: Sequence[ToolExecution]) -> list[str]:
     return out
 
 
+@dataclass(slots=True)
+class _Peer:
+    """A stored peer input, as the comms checks (f) see it."""
+
+    stored: StoredInput
+    state: InputState
+    input: PeerInput
+    envelope: str | None  # the correlation id (a comms send's envelope id)
+    sender: str | None  # the origin's runtime id (the sending session)
+
+    @property
+    def target(self) -> str:
+        return self.stored.runtime_id
+
+    @property
+    def admitted(self) -> bool:
+        """False for the placeholder an inbox entry refused at ingestion leaves behind
+        (``accepted -> abandoned`` at once, S10); an admitted input was queued first."""
+        h = self.state.history
+        return not (h and h[0].from_ is InputLifecycleState.ACCEPTED and h[0].to is _ABANDONED)
+
+    @property
+    def accepted_us(self) -> int:
+        return _us(self.state.created_at)
+
+    @property
+    def request_id(self) -> str | None:
+        conv = self.input.convention
+        if isinstance(
+            conv, RequestConvention | ResponseProgressConvention | ResponseTerminalConvention
+        ):
+            return conv.request_id
+        return None
+
+    @property
+    def status(self) -> str | None:
+        conv = self.input.convention
+        if isinstance(conv, ResponseTerminalConvention):
+            return conv.status.value
+        if isinstance(conv, ResponseProgressConvention):
+            return conv.phase.value
+        return None
+
+    def describe(self) -> str:
+        conv = self.input.convention
+        kind = conv.convention_type if conv is not None else "peer"
+        status = f" ({self.status})" if self.status else ""
+        return f"{kind}{status} {self.envelope or self.stored.input_id} from {self.sender}"
+
+
+_ABANDONED = InputLifecycleState.ABANDONED
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _us(dt: datetime) -> int:
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return (dt - _EPOCH) // timedelta(microseconds=1)
+
+
+def _peer_inputs(db: DbView) -> list[_Peer]:
+    out: list[_Peer] = []
+    for stored in db.inputs.values():
+        if '"input_type":"peer"' not in stored.state_json:
+            continue
+        st = stored.state()
+        inp = st.persisted_input
+        if not isinstance(inp, PeerInput):
+            continue
+        src = inp.header.source
+        sender = src.runtime_id.value if isinstance(src, PeerOrigin) and src.runtime_id else None
+        cid = inp.header.correlation_id
+        out.append(_Peer(stored, st, inp, None if cid is None else str(cid), sender))
+    return out
+
+
+def _check_waiter(db: DbView, iid: str, what: str, outcomes: Mapping[str, Any]) -> str | None:
+    doc = outcomes.get(iid)
+    if doc is None:
+        return f"(f) no waiter outcome for input {iid} ({what})"
+    kind = doc.get("outcome_type")
+    if kind in ("timeout", "terminated", "not_found"):
+        return f"(f) waiter of input {iid} ({what}) did not resolve: {json.dumps(doc)}"
+    want = _expected_outcome(db, iid)
+    if want is not None and (
+        want.get("outcome_type") != kind or want.get("reason") != doc.get("reason")
+    ):
+        return (
+            f"(f) waiter of input {iid} ({what}) answered {json.dumps(doc)}; the store implies "
+            f"{json.dumps(want)}"
+        )
+    return None
+
+
+def check_comms(
+    db: DbView,
+    acks: Sequence[CommsAck],
+    outcomes: Mapping[str, dict[str, Any]] | None = None,
+) -> list[str]:
+    """(f) peer comms (S10, S11, S20), from the database and the comms ack log:
+
+    - nothing delivered twice: at most one input per envelope id at a session;
+    - every acknowledged send (a receipt the child logged) is delivered exactly once: its
+      input is at the target, from the sender, with the convention and request id the receipt
+      names, terminal, not ``abandoned{recovery_failed}``, its waiter resolved as S12 derives
+      from the store; it was admitted (a response refused at ingestion is allowed only when
+      another terminal response had closed its request); an acknowledged request is recorded
+      at its requester and closed at the end (the child's responder answers every request);
+    - every delivered request was recorded at its requester (before delivery, S20) for that
+      responder and envelope;
+    - no response accepted for a request that was not outstanding: every admitted response at
+      a comms session names a request that session recorded, for the responder that sent it,
+      recorded before the response was accepted; progress is not accepted after the close;
+    - every request is closed by at most one terminal response, and a closed request by
+      exactly one: the one its record names (``closed_by``, status), accepted in the closing
+      transaction (same instant);
+    - the agents' comms tools: a ``send_request`` that returned a request id delivered it
+      exactly once; per session and status, the responses the agent's ``respond`` delivered
+      number at least the calls that returned and at most those plus the interrupted ones.
+    """
+    out: list[str] = []
+    peers = _peer_inputs(db)
+    by_env: dict[tuple[str, str], list[_Peer]] = {}
+    for p in peers:
+        if p.envelope is not None:
+            by_env.setdefault((p.target, p.envelope), []).append(p)
+    for (target, env), group in sorted(by_env.items()):
+        if len(group) > 1:
+            ids = ", ".join(sorted(g.stored.input_id for g in group))
+            out.append(f"(f) envelope {env} was delivered {len(group)} times to {target} ({ids})")
+    # acknowledged sends: delivered exactly once
+    first: dict[tuple[str, str], CommsAck] = {}
+    for a in acks:
+        first.setdefault((a.target, a.envelope_id), a)
+    for (target, env), a in first.items():
+        status = f" ({a.status})" if a.status else ""
+        what = f"{a.kind}{status} {env} from {a.sender} to {target}, sent by the {a.by}"
+        group = by_env.get((target, env), [])
+        if not group:
+            inboxed = any(e.runtime_id == target and env in e.input_json for e in db.inbox)
+            where = " (still in the target's inbox)" if inboxed else ""
+            out.append(f"(f) acknowledged {what} was never delivered{where}")
+            continue
+        p = group[0]
+        conv = p.input.convention
+        kind_ok = (
+            isinstance(conv, MessageConvention)
+            if a.kind == "message"
+            else isinstance(conv, RequestConvention)
+            if a.kind == "request"
+            else isinstance(conv, ResponseProgressConvention | ResponseTerminalConvention)
+            and p.status == a.status
+        )
+        if p.sender != a.sender or not kind_ok or (a.request_id and p.request_id != a.request_id):
+            out.append(f"(f) acknowledged {what} was delivered as {p.describe()}")
+        if not p.stored.is_terminal:
+            out.append(f"(f) acknowledged {what} is still {p.stored.current_state} at the end")
+            continue
+        term = p.state.terminal_outcome
+        if term is not None and getattr(term, "reason", None) == "recovery_failed":
+            out.append(f"(f) acknowledged {what} ended abandoned{{recovery_failed}}: lost")
+        if not p.admitted:
+            req = db.peer_requests.get((target, a.request_id))
+            closed_by_other = (
+                a.kind == "response"
+                and req is not None
+                and req.closed_us is not None
+                and req.closed_by != env
+            )
+            if not closed_by_other:
+                why = getattr(term, "error", None)
+                out.append(f"(f) acknowledged {what} was refused when its target took it: {why}")
+        if a.kind == "request":
+            req = db.peer_requests.get((a.sender, a.request_id))
+            if req is None:
+                out.append(f"(f) acknowledged {what} (request {a.request_id}) has no record")
+            elif req.outstanding:
+                out.append(
+                    f"(f) acknowledged {what} (request {a.request_id}) is still outstanding "
+                    "after the restart finished"
+                )
+        if outcomes is not None:
+            problem = _check_waiter(db, p.stored.input_id, what, outcomes)
+            if problem is not None:
+                out.append(problem)
+    # requests: recorded at the requester, for this responder and envelope
+    for p in peers:
+        if not isinstance(p.input.convention, RequestConvention) or p.sender is None:
+            continue
+        rid = p.input.convention.request_id
+        req = db.peer_requests.get((p.sender, rid))
+        if req is None:
+            out.append(
+                f"(f) request {rid} delivered to {p.target} has no record at its requester "
+                f"{p.sender} (S20: recorded before it is delivered)"
+            )
+        elif req.responder != p.target or req.envelope_id != p.envelope:
+            out.append(
+                f"(f) request {rid} was delivered to {p.target} with envelope {p.envelope}, "
+                f"but recorded for {req.responder} with envelope {req.envelope_id}"
+            )
+    # responses: only to outstanding requests; at most one terminal response per request
+    terminals: dict[tuple[str, str], list[_Peer]] = {}
+    for p in peers:
+        answered = p.request_id
+        if answered is None or p.status is None or not p.admitted or p.sender is None:
+            continue  # (a coalescing aggregate of progress responses has a system origin)
+        if p.target not in db.comms_names:
+            continue  # a runtime without a comms name keeps no requests (S20)
+        what = f"{p.describe()} to request {answered} of {p.target}"
+        req = db.peer_requests.get((p.target, answered))
+        if req is None:
+            out.append(f"(f) {what} was accepted, but {p.target} has no such request")
+            continue
+        if p.sender != req.responder:
+            out.append(f"(f) {what} was accepted, but the request was sent to {req.responder}")
+        if p.accepted_us < req.created_us:
+            out.append(f"(f) {what} was accepted before the request was recorded")
+        if isinstance(p.input.convention, ResponseTerminalConvention):
+            terminals.setdefault((p.target, answered), []).append(p)
+        elif req.closed_us is not None and p.accepted_us > req.closed_us:
+            out.append(f"(f) {what} was accepted after the request was closed ({req.status})")
+    for key, req in sorted(db.peer_requests.items()):
+        closers = terminals.get(key, [])
+        name = f"request {req.request_id} of {req.requester}"
+        if len(closers) > 1:
+            envs = ", ".join(str(c.envelope) for c in closers)
+            out.append(f"(f) {name} took {len(closers)} terminal responses ({envs})")
+        elif closers:
+            c = closers[0]
+            closer = str(c.state.idempotency_key or c.stored.input_id)
+            if req.closed_us is None:
+                out.append(f"(f) {name} took terminal response {closer} but is still outstanding")
+            elif (req.closed_by, req.status, req.closed_us) != (closer, c.status, c.accepted_us):
+                out.append(
+                    f"(f) {name} was closed by {req.closed_by} ({req.status}) at "
+                    f"{req.closed_us}, but its terminal response is {closer} ({c.status}), "
+                    f"accepted at {c.accepted_us}"
+                )
+        elif req.closed_us is not None:
+            out.append(f"(f) {name} is closed (by {req.closed_by}) but took no terminal response")
+    out.extend(_check_agent_sends(db, peers))
+    return out
+
+
+_AGENT_SENT = re.compile(r"response \((\w+)\) to request (\S+) sent")
+
+
+def _check_agent_sends(db: DbView, peers: Sequence[_Peer]) -> list[str]:
+    """(f) what the agents' ``send_request`` and ``respond`` tools delivered."""
+    out: list[str] = []
+    calls: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+    for r in db.rows:
+        if r.message.get("role") == "assistant":
+            for call in r.message.get("tool_calls", []):
+                args = call.get("arguments")
+                calls[(r.runtime_id, str(call.get("id")))] = (
+                    str(call.get("name")),
+                    args if isinstance(args, dict) else {},
+                )
+    returned: Counter[tuple[str, str]] = Counter()  # (session, status) -> respond calls ok
+    interrupted: Counter[tuple[str, str]] = Counter()
+    for r in db.rows:
+        if r.message.get("role") != "tool":
+            continue
+        key = (r.runtime_id, str(r.message.get("tool_call_id")))
+        name, args = calls.get(key, (str(r.message.get("name")), {}))
+        content = str(r.message.get("content"))
+        ok = not r.message.get("is_error")
+        if name == "send_request" and ok:
+            rid = content.strip()
+            n = sum(
+                1
+                for p in peers
+                if p.sender == r.runtime_id
+                and isinstance(p.input.convention, RequestConvention)
+                and p.input.convention.request_id == rid
+            )
+            if n != 1:
+                out.append(
+                    f"(f) the agent of {r.runtime_id} sent request {rid} (tool call {key[1]} "
+                    f"returned) but it was delivered {n} times"
+                )
+        elif name == "respond":
+            m = _AGENT_SENT.fullmatch(content) if ok else None
+            if m is not None:
+                returned[(r.runtime_id, m.group(1))] += 1
+            elif content == INTERRUPTED_TOOL_RESULT:
+                interrupted[(r.runtime_id, str(args.get("status")))] += 1
+    delivered: Counter[tuple[str, str]] = Counter(
+        (str(p.sender), str(p.status))
+        for p in peers
+        if p.status is not None
+        and p.request_id is not None
+        and p.envelope != answer_envelope(p.request_id, p.status)  # the child's responder
+    )
+    for key in sorted(set(returned) | set(interrupted)):
+        low, high = returned[key], returned[key] + interrupted[key]
+        if not low <= delivered[key] <= high:
+            out.append(
+                f"(f) the agent of {key[0]} sent {low} {key[1]} responses ({interrupted[key]} "
+                f"more calls interrupted) but {delivered[key]} were delivered"
+            )
+    return out
+
+
 def check_invariants(
     db: DbView,
     acks: Sequence[Ack],
     outcomes: dict[str, dict[str, Any]] | None,
     snapshots: Iterable[dict[str, str]] = (),
     tool_log: Sequence[ToolExecution] | None = None,
+    comms: Sequence[CommsAck] | None = None,
 ) -> list[str]:
-    """The violations of (a)-(e) (see the module docstring), one message each; empty when
-    every invariant holds. (e) is checked only when the side-effect log is given."""
+    """The violations of (a)-(f) (see the module docstring), one message each; empty when
+    every invariant holds. (e) is checked only when the side-effect log is given; (f) when
+    the comms ack log is given or a session has a comms name (``check_comms``)."""
     out: list[str] = []
     first: dict[str, Ack] = {}
     for a in acks:
@@ -1271,6 +2107,9 @@ def check_invariants(
     # (e) tool side effects: no tool call executed twice
     if tool_log is not None:
         out.extend(_check_tool_log(db, tool_log))
+    # (f) peer comms: delivered exactly once, one terminal response per request
+    if comms is not None or db.comms_names:
+        out.extend(check_comms(db, comms or [], outcomes))
     return out
 
 
@@ -1335,17 +2174,105 @@ def _workload(rng: random.Random, directory: Path, takeover: bool) -> ChildSpec:
     return ChildSpec.in_dir(directory, sessions, **options)
 
 
+COORD, WORKER = "crash-coord", "crash-worker"
+"""The comms workload's sessions (comms names ``coord`` and ``worker``)."""
+
+
+def _comms_workload(rng: random.Random, directory: Path, takeover: bool) -> ChildSpec:
+    """Two comms sessions: ``coord`` (one or two prompts) sends ``worker`` one to three
+    requests and now and then a message, interleaved with its prompts; ``worker`` has a prompt
+    now and then. The child's responder answers every request delivered to ``worker`` with a
+    progress and a terminal response (``_responder``); so the terminal responses wake
+    ``coord`` and its runs consume them. At random: the worker runs in the child's second
+    ``Runtime`` (``secondary``: requests and responses cross the durable inboxes, S10); the
+    worker's agent answers too (its script calls ``respond``, the responder waits a moment
+    before it steps in); the coordinator's agent sends a request of its own
+    (``send_request``); a bogus progress response to a request nobody sent (refused, S20)."""
+    split = rng.random() < 0.5
+    agent_answers = rng.random() < 0.4
+    coord = [InputSpec("prompt") for _ in range(rng.randint(1, 2))]
+    requests = rng.randint(1, 3)
+    sends = [InputSpec("comms_request", to="worker") for _ in range(requests)]
+    if rng.random() < 0.5:
+        sends.append(InputSpec("comms_message", to="worker"))
+    rng.shuffle(sends)
+    for send in sends:
+        coord.insert(rng.randint(0, len(coord)), send)
+    if rng.random() < 0.2:
+        coord.insert(rng.randint(0, len(coord) - 1), InputSpec("progress"))
+    worker = [InputSpec("prompt") for _ in range(rng.randint(0, 1))]
+    if rng.random() < 0.3:
+        worker.insert(0, InputSpec("peer_message"))
+    if worker and worker[-1].type != "prompt":
+        worker.append(InputSpec("prompt"))
+    coord_script = _script(rng, len(coord) + requests)
+    if rng.random() < 0.3:
+        tool_steps = [n for n, st in enumerate(coord_script) if st["type"] == "tool"]
+        n = rng.choice(tool_steps)
+        coord_script[n] = {
+            "type": "tool",
+            "name": "send_request",
+            "args": {"to": "worker", "intent": "agent-ask", "params": {"step": n}},
+        }
+    worker_runs = len(worker) + len(sends) + 1
+    worker_script = _script(rng, worker_runs)
+    if agent_answers:
+        worker_script = _answering_script(rng, worker_runs)
+    sessions = [
+        SessionSpec(COORD, coord_script, coord, comms_name="coord"),
+        SessionSpec(
+            WORKER,
+            worker_script,
+            worker,
+            comms_name="worker",
+            secondary=split,
+            answer_after=0.2 if agent_answers else 0.0,
+        ),
+    ]
+    options: dict[str, Any] = {"wait_timeout": 20.0}
+    if takeover:
+        options.update(owner_id=None, lease_ttl=0.5)
+    return ChildSpec.in_dir(directory, sessions, **options)
+
+
+def _answering_script(rng: random.Random, runs: int) -> list[dict[str, Any]]:
+    """A worker's script whose runs answer the open request with the ``respond`` tool (no
+    request id: it answers when exactly one request to the session is open, else reads the
+    error), now and then with a progress response first, or look something up instead."""
+    steps: list[dict[str, Any]] = []
+    for i in range(runs + 1):
+        if rng.random() < 0.25:
+            steps.append(
+                {"type": "tool", "name": KIT_TOOLS[i % 2], "args": {"q": i}, "duration": 0.005}
+            )
+        else:
+            if rng.random() < 0.4:
+                steps.append({"type": "tool", "name": "respond", "args": {"status": "accepted"}})
+            steps.append(
+                {
+                    "type": "tool",
+                    "name": "respond",
+                    "args": {"status": "completed", "result": {"answered_by": "agent", "run": i}},
+                }
+            )
+        steps.append({"type": "text", "text": f"answer {i}"})
+    return steps
+
+
 def _bound(point: str, spec: ChildSpec) -> int:
     """About how many times a clean run of ``spec`` passes ``point``: once per durable
     acceptance; per run for boundaries and completions (progress responses and peer messages
     may ride along with another input's run); per model-driven run for checkpoints (a system
     notice's immediate run has none); once per session for a recovery."""
     kinds = Counter(i.type for s in spec.sessions for i in s.inputs)
+    requests, messages = kinds["comms_request"], kinds["comms_message"]
     if point == "accept.committed":
-        return max(1, kinds.total() - kinds["ephemeral"])
+        # a request is accepted at the worker, then its two responses at the requester
+        return max(1, kinds.total() - kinds["ephemeral"] + 2 * requests)
     if point == "recovery.after":
         return len(spec.sessions)
-    runs = kinds["prompt"] + kinds["ephemeral"] + kinds["projected"]
+    # a request runs the worker, its terminal response the requester; a message the worker
+    runs = kinds["prompt"] + kinds["ephemeral"] + kinds["projected"] + 2 * requests + messages
     if point.startswith("checkpoint."):
         return max(1, runs)
     return max(1, runs + kinds["system"])
@@ -1367,10 +2294,12 @@ class _Plan:
     takeover: bool
 
 
-def _plan(index: int, point: str, seed: int, trial_dir: Path) -> _Plan:
+def _plan(index: int, point: str, seed: int, trial_dir: Path, comms: float = 0.0) -> _Plan:
     rng = random.Random(f"{seed}:{index}")
     takeover = rng.random() < 0.15
-    spec = _workload(rng, trial_dir, takeover)
+    # drawn apart, so the trials without comms are the same for a seed whatever ``comms`` is
+    with_comms = random.Random(f"{seed}:{index}:comms").random() < comms
+    spec = (_comms_workload if with_comms else _workload)(rng, trial_dir, takeover)
 
     def stage(p: str) -> _Stage:
         if p == RANDOM:
@@ -1457,6 +2386,10 @@ def _trial(
     crash_at = ""
     if plan.takeover:
         notes.append("takeover")
+    if spec.uses_comms:
+        notes.append("comms")
+        if any(s.secondary for s in spec.sessions):
+            notes.append("comms across the inbox")
     for n, st in enumerate(plan.stages):
         last = n == plan.target
         kill_after = None if st.kill_fraction is None else st.kill_fraction * clock.value
@@ -1488,7 +2421,10 @@ def _trial(
                 f"child armed with {label} exited with code {run.returncode}; log:\n"
                 f"{run.log_tail()}"
             )
-        snapshots.append(terminal_snapshot(spec.db))
+        view = read_db(spec.db)
+        snapshots.append(view.terminal_states())
+        if spec.uses_comms and run.sigkilled:
+            notes.extend(comms_situation(view))
     # the clean restart: recovers, finishes, answers every waiter
     with contextlib.suppress(FileNotFoundError):
         os.unlink(spec.outcomes)
@@ -1498,9 +2434,15 @@ def _trial(
         violations.append(f"(c) the restarted child {what}; log:\n{final.log_tail()}")
     acks = read_acks(spec.ack_log)
     db = read_db(spec.db)
+    comms = read_comms_acks(spec.comms_log_path) if spec.uses_comms else None
     violations.extend(
         check_invariants(
-            db, acks, read_outcomes(spec.outcomes), snapshots, read_tool_log(spec.tool_log_path)
+            db,
+            acks,
+            read_outcomes(spec.outcomes),
+            snapshots,
+            read_tool_log(spec.tool_log_path),
+            comms,
         )
     )
     for a in {a.input_id: a for a in acks}.values():
@@ -1508,6 +2450,21 @@ def _trial(
             notes.append("ephemeral input lost before any commit")
     for report in read_reports(spec.report):
         notes.extend(f"accept rejected ({r.get('code')})" for r in report.get("rejected", []))
+        for r in report.get("comms_refused", []):
+            if r.get("by") == "child":  # the workload's own sends are always valid
+                violations.append(
+                    f"(f) the child's {r.get('kind')} #{r.get('index')} from {r.get('session')} "
+                    f"was refused: {r.get('error')}: {r.get('reason')}"
+                )
+            else:
+                notes.append(f"responder's {r.get('kind')} refused (request closed)")
+        if report.get("comms_unsettled"):
+            violations.append(
+                f"(f) comms did not settle within {spec.wait_timeout:.0f}s in process "
+                f"{report.get('pid')}: {report['comms_unsettled']}"
+            )
+    if comms is not None:
+        notes.extend(_comms_notes(db))
     return TrialResult(
         index=plan.index,
         point=plan.point,
@@ -1519,6 +2476,55 @@ def _trial(
         directory=str(directory),
         notes=notes,
     )
+
+
+def comms_situation(db: DbView) -> list[str]:
+    """What was in flight between the comms sessions in ``db`` (read right after a kill):
+    ``killed with a request ...`` / ``killed with a response ...``, one note per kind."""
+    found: set[str] = set()
+    peers = _peer_inputs(db)
+    delivered = {
+        (p.sender, p.request_id) for p in peers if isinstance(p.input.convention, RequestConvention)
+    }
+    for p in peers:
+        if p.sender is None or p.stored.is_terminal:
+            continue
+        if isinstance(p.input.convention, RequestConvention):
+            found.add("killed with a request queued at its target, not yet run")
+        elif isinstance(p.input.convention, ResponseTerminalConvention):
+            found.add("killed with a terminal response accepted, not yet applied")
+    for e in db.inbox:
+        if '"convention_type":"request"' in e.input_json:
+            found.add("killed with a request in its target's inbox, not yet ingested")
+        elif '"convention_type":"response_terminal"' in e.input_json:
+            found.add("killed with a terminal response in the requester's inbox, not ingested")
+    for req in db.peer_requests.values():
+        inboxed = any(req.envelope_id in e.input_json for e in db.inbox)
+        if req.outstanding and (req.requester, req.request_id) not in delivered and not inboxed:
+            found.add("killed with a request recorded, not yet delivered")
+    return sorted(found)
+
+
+def _comms_notes(db: DbView) -> list[str]:
+    """What a comms trial did that is not a violation: requests the agents sent or answered,
+    requests left outstanding because their send was interrupted before delivery."""
+    notes: list[str] = []
+    delivered = {
+        (p.sender, p.request_id)
+        for p in _peer_inputs(db)
+        if isinstance(p.input.convention, RequestConvention)
+    }
+    for req in db.peer_requests.values():
+        if req.outstanding and (req.requester, req.request_id) not in delivered:
+            notes.append("request recorded but never delivered (its send was cut short)")
+        if req.closed_by is not None and req.closed_by != answer_envelope(
+            req.request_id, str(req.status)
+        ):
+            notes.append("request answered by the agent")
+    for r in db.rows:
+        calls = r.message.get("tool_calls", []) if r.message.get("role") == "assistant" else []
+        notes.extend("agent sent a request" for c in calls if c.get("name") == "send_request")
+    return notes
 
 
 @dataclass(slots=True)
@@ -1588,6 +2594,7 @@ def run_crashtest(
     launcher: Launcher = "fork",
     timeout: float = 60.0,
     keep: bool = False,
+    comms: float = 0.3,
 ) -> CrashtestReport:
     """Run ``kills`` trials (see the module docstring), ``jobs`` at a time, cycling through
     ``points`` (default: every crash point and ``random``). Each trial works in its own
@@ -1595,6 +2602,10 @@ def run_crashtest(
     are deleted unless ``keep``, failing ones are kept and named in the violations.
 
     ``progress(done, total, trial)`` is called in the calling thread after each trial.
+    ``comms``: the share of trials that run the comms workload (``_comms_workload``: two
+    sessions with comms names exchanging requests, responses and messages) instead of the
+    plain one; the others are the same for a seed whatever it is.
+
     Deterministic for a seed, except where timing decides (``random`` kills, the interleaving
     of concurrent runs).
     """
@@ -1604,6 +2615,8 @@ def run_crashtest(
         raise ValueError(f"unknown kill point(s) {unknown}; known: {', '.join(KILL_POINTS)}")
     if kills < 0:
         raise ValueError("kills must not be negative")
+    if not 0.0 <= comms <= 1.0:
+        raise ValueError("comms must be a share between 0 and 1")
     own_dir = workdir is None
     root = Path(tempfile.mkdtemp(prefix="meerkat-crashtest-")) if workdir is None else workdir
     root.mkdir(parents=True, exist_ok=True)
@@ -1612,7 +2625,10 @@ def run_crashtest(
     stats = {p: PointStats(p) for p in chosen}
     report = CrashtestReport(seed, kills, 0, 0.0, str(root), launcher, stats, [])
     started = time.monotonic()
-    plans = [_plan(i, chosen[i % len(chosen)], seed, root / f"trial-{i:05d}") for i in range(kills)]
+    plans = [
+        _plan(i, chosen[i % len(chosen)], seed, root / f"trial-{i:05d}", comms)
+        for i in range(kills)
+    ]
     done = 0
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="crashtest") as pool:
         pending: set[Future[TrialResult]] = set()

@@ -656,10 +656,14 @@ class Runtime:
     async def _maintain(self) -> None:
         """Renew leases, ingest inbox entries other processes wrote, drop instances that
         stopped on a store failure (their next use recovers from the store)."""
-        last_renew = last_prune = time.monotonic()
+        last_renew = last_prune = last_adopt = time.monotonic()
         while True:
             await asyncio.sleep(self.poll_interval)
             try:
+                now = time.monotonic()
+                if self.recover_on_open and now - last_adopt >= self.lease_ttl / 2:
+                    last_adopt = now
+                    await self._adopt_orphans()
                 for sid, rt in list(self._runtimes.items()):
                     if rt.failure is not None:
                         self._runtimes.pop(sid, None)  # its next use recovers from the store
@@ -685,6 +689,23 @@ class Runtime:
                 raise
             except Exception as exc:
                 log.error("runtime maintenance failed: %s", exc)
+
+    async def _adopt_orphans(self) -> None:
+        """Take over sessions with pending work whose owner's lease expired (the owner died):
+        without this, a session whose owner died while this process started would wait for
+        something to touch it (e.g. a peer request sitting in its inbox). Only processes that
+        recover on open (servers, workers) adopt; short-lived ones (CLI commands) do not."""
+        wall = time.time()
+        for sid in await self.store.runtimes_with_pending_inputs():
+            if sid in self._runtimes:
+                continue
+            owner, expiry, _ = await self.store.lease_owner(sid)
+            if owner is not None and expiry is not None and expiry > wall:
+                continue  # a live owner runs it
+            try:
+                await self._owned(sid)
+            except Exception as exc:
+                log.error("taking over session %s failed: %s", sid, exc)
 
     async def prune(self) -> dict[str, int]:
         """S18: delete terminal inputs, receipts, runs and idempotency keys older than the
