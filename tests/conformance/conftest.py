@@ -1,7 +1,9 @@
 """Fixtures of the conformance suites.
 
-``store_factory`` runs every test that uses it once per store kind (ids ``[memory]`` and
-``[sqlite]``), as the spec's conformance list asks (§5). A test that fails on one kind because
+``store_factory`` runs every test that uses it once per store kind (ids ``[memory]``,
+``[sqlite]`` and ``[postgres]``), as the spec's conformance list asks (§5). The ``postgres``
+runs use a fresh schema of the ``MEERKAT_TEST_PG_URL`` database each and are skipped, with
+the reason, when that server is unreachable. A test that fails on one kind because
 of a known bug carries ``@pytest.mark.store_xfail("sqlite", reason="BUG: ...")``: only that
 kind's run is marked ``xfail(strict=True)``, so the mark fails loudly once the bug is fixed.
 """
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conformance.stores import STORE_KINDS, StoreFactory
+from tests.conformance.stores import STORE_KINDS, StoreFactory, skip_without_postgres
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -38,6 +40,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 async def store_factory(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[StoreFactory]:
+    if request.param == "postgres":
+        skip_without_postgres()
     factory = StoreFactory(request.param, tmp_path)
     yield factory
     await factory.close_all()

@@ -1,9 +1,12 @@
 """Stores for the runtime conformance suite (``test_conformance.py``), one per kind.
 
-``StoreFactory`` builds a fresh store of one kind (``memory`` or ``sqlite``; the SQLite file
-lives in the test's ``tmp_path``) and can reopen a closed store's data the way a restarted
+``StoreFactory`` builds a fresh store of one kind (``memory``, ``sqlite`` or ``postgres``; the
+SQLite file lives in the test's ``tmp_path``, the PostgreSQL store in a fresh schema of the
+``MEERKAT_TEST_PG_URL`` database, dropped at teardown; a ``postgres`` test is skipped, saying
+why, when that server is unreachable) and can reopen a closed store's data the way a restarted
 process would: the same object for the memory store (its data lives in the object), a new
-``SqliteStore`` on the same file for SQLite (a closed ``SqliteStore`` cannot be reopened).
+``SqliteStore`` on the same file for SQLite, a new ``PostgresStore`` on the same schema for
+PostgreSQL (a closed store cannot be reopened).
 
 ``ProbeStore`` wraps any store and delegates every call to it. It only observes ``submit``:
 the awaitable it hands back completes after the real store's (optionally ``delay`` seconds
@@ -21,14 +24,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from meerkat_runtime._ids import InputId
 from meerkat_runtime.store.base import RuntimeStore, Txn
 from meerkat_runtime.store.memory import MemoryStore
+from meerkat_runtime.store.postgres import PostgresStore
 from meerkat_runtime.store.sqlite import SqliteStore
+from tests.postgres import support as pg
 
-__all__ = ["STORE_KINDS", "ProbeStore", "StoreFactory"]
+__all__ = ["STORE_KINDS", "ProbeStore", "StoreFactory", "skip_without_postgres"]
 
-STORE_KINDS = ("memory", "sqlite")
+STORE_KINDS = ("memory", "sqlite", "postgres")
+
+
+def skip_without_postgres() -> None:
+    """Skip the running test, saying why, when the test PostgreSQL server is unreachable."""
+    reason = pg.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
 
 
 class ProbeStore:
@@ -91,6 +105,7 @@ class StoreFactory:
     kind: str
     tmp_path: Path
     made: list[Any] = field(default_factory=list)
+    schemas: list[str] = field(default_factory=list)
 
     def __call__(self) -> RuntimeStore:
         store: Any
@@ -98,6 +113,11 @@ class StoreFactory:
             store = MemoryStore()
         elif self.kind == "sqlite":
             store = SqliteStore(self.tmp_path / f"conformance-{len(self.made)}.db")
+        elif self.kind == "postgres":
+            skip_without_postgres()
+            url, schema = pg.fresh_schema()
+            self.schemas.append(schema)
+            store = PostgresStore(url)
         else:
             raise ValueError(f"unknown store kind {self.kind!r}")
         self.made.append(store)
@@ -112,6 +132,10 @@ class StoreFactory:
             again = SqliteStore(inner.path)
             self.made.append(again)
             return again  # type: ignore[return-value]
+        if isinstance(inner, PostgresStore):
+            pg_again = PostgresStore(inner._dsn)
+            self.made.append(pg_again)
+            return pg_again  # type: ignore[return-value]
         raise TypeError(f"cannot reopen {store!r}")
 
     async def close_all(self) -> None:
@@ -119,3 +143,5 @@ class StoreFactory:
         for store in self.made:
             with contextlib.suppress(Exception):
                 await store.close()
+        for schema in self.schemas:
+            pg.drop_schema(schema)

@@ -153,7 +153,7 @@ def openai_stream() -> Reply:
 
 def anthropic_stream() -> Reply:
     """Messages API SSE: a text block with two deltas, then a 30 s pause before the end."""
-    message = {
+    message: dict[str, Any] = {
         "id": "msg_1",
         "type": "message",
         "role": "assistant",
@@ -235,9 +235,13 @@ async def test_conformance_17_cancel_during_long_model_stream(
             ex = AgentExecutor(AgentConfig(model=model.name, provider=provider), model=model)
             s = await rt.create_session(model=model.name, provider=provider, executor=ex)
             h = await rt.turn(s.id, "think hard")
-            # the stream is really open: a delta of it was published
+            # the stream is really open: its deltas were published. Wait for the last one
+            # before the pause, so the client has read every byte sent so far and its
+            # hang-up is a FIN (closing with unread bytes would send a TCP reset, which the
+            # loopback server does not notice: it would keep the stream open for 30 s)
             first = await until_agent_event(rt, s.id, lambda d: d["type"] == "text_delta")
             assert first["delta"] == "partial "
+            await until_agent_event(rt, s.id, lambda d: d.get("delta") == "answer")
             assert server.open_streams == 1
             assert len(server.requests) == 1
             await cancel_promptly(rt, s.id, h)
@@ -325,12 +329,10 @@ def slow_tools() -> Iterator[SlowTools]:
         assert tools.sync_returned.wait(5)
 
 
-async def _cancel_tool_then_next_turn(
-    rt: Runtime, model: RecordingOffline, sid: str, name: str
-) -> tuple[list[dict[str, Any]], list[Message]]:
+async def cancel_tool_call(rt: Runtime, model: RecordingOffline, sid: str, name: str) -> None:
     """Start a run whose first answer calls ``name`` (call id ``call_0``), cancel while the tool
-    runs, check the cancel, then run the next turn; returns the agent events of the whole
-    session and the committed conversation."""
+    runs and check the cancel: prompt, ``tool_execution_cancelled`` published, nothing of the
+    call reported completed, no further model call, the call committed without a result."""
     h = await rt.turn(sid, "use the slow tool")
     started = await until_agent_event(rt, sid, lambda d: d["type"] == "tool_execution_started")
     assert (started["id"], started["name"]) == ("call_0", name)
@@ -340,64 +342,109 @@ async def _cancel_tool_then_next_turn(
     cancelled = [d for d in evs if d["type"] == "tool_execution_cancelled"]
     assert [(d["id"], d["name"]) for d in cancelled] == [("call_0", name)]
     assert not [d for d in evs if d["type"] == "tool_execution_completed"]
+    assert [d["error_kind"] for d in evs if d["type"] == "run_failed"] == ["cancelled"]
     assert len(model.requests) == 1
+    # the call was made durable before the tool ran; no result of it was committed (S6)
+    kept = await committed(rt, sid)
+    calls = [(c.id, c.name) for m in kept if m.role == "assistant" for c in m.tool_calls]
+    assert calls == [("call_0", name)]
+    assert [m for m in kept if m.role == "tool"] == []
 
+
+async def next_turn_answers_interrupted_call(
+    rt: Runtime, model: RecordingOffline, sid: str, name: str
+) -> None:
+    """After ``cancel_tool_call``: the next turn's model call sees ``call_0`` answered with
+    the synthetic ``INTERRUPTED_TOOL_RESULT`` before the new prompt, and the tool does not
+    run again (S6). Fails fast (instead of waiting out a 30 s tool) if the call is re-run."""
     nxt = await rt.turn(sid, "and now?")
-    out = await nxt.wait(5.0)
+    done = asyncio.ensure_future(nxt.wait(5.0))
+    while not done.done():
+        evs = await agent_events(rt, sid)
+        starts = [d for d in evs if d["type"] == "tool_execution_started"]
+        if len(starts) > 1:
+            done.cancel()
+            raise AssertionError(f"the interrupted tool call was run again: {starts}")
+        await asyncio.sleep(0.005)
+    out = done.result()
     assert isinstance(out, CompletedWait), out
     assert out.result.text == "after the interruption"
 
-    # the next model call saw the interrupted call answered, before the new prompt
     assert len(model.requests) == 2
     seen = model.requests[1].messages
-    roles = [(m.role, m.tool_call_id, m.content) for m in seen]
+    shape = [(m.role, m.tool_call_id, m.content) for m in seen]
     answer = ("tool", "call_0", INTERRUPTED_TOOL_RESULT)
-    assert answer in roles, roles
-    assert roles.index(answer) < roles.index(("user", None, "and now?"))
+    assert answer in shape, shape
+    assert shape.index(answer) < shape.index(("user", None, "and now?"))
     calls = [c for m in seen if m.role == "assistant" for c in m.tool_calls]
     assert [(c.id, c.name) for c in calls] == [("call_0", name)]
     answers = [m for m in seen if m.role == "tool" and m.tool_call_id == "call_0"]
     assert len(answers) == 1 and answers[0].is_error
-
-    evs = await agent_events(rt, sid)
-    runs = [d for d in evs if d["type"] == "tool_execution_started"]
-    assert len(runs) == 1, "the interrupted tool call was run again"
-    return evs, await committed(rt, sid)
+    # and so it stays in the store
+    stored_answers = [
+        m.content
+        for m in await committed(rt, sid)
+        if m.role == "tool" and m.tool_call_id == "call_0"
+    ]
+    assert stored_answers == [INTERRUPTED_TOOL_RESULT]
+    starts = [d for d in await agent_events(rt, sid) if d["type"] == "tool_execution_started"]
+    assert len(starts) == 1
 
 
 def _script(first: dict[str, Any]) -> list[dict[str, Any]]:
     return [first, {"type": "text", "text": "after the interruption"}]
 
 
+def _tool_step(name: str) -> dict[str, Any]:
+    if name == "wait":
+        return {"type": "wait", "timeout": LONG}
+    return {"type": "tool", "name": name, "args": {"topic": "cats"}}
+
+
 @pytest.mark.parametrize("name", ["slow_async", "slow_sync"])
 async def test_conformance_18_cancel_during_long_tool_call(
     store_factory: StoreFactory, slow_tools: SlowTools, name: str
 ) -> None:
-    model = RecordingOffline(_script({"type": "tool", "name": name, "args": {"topic": "cats"}}))
+    model = RecordingOffline(_script(_tool_step(name)))
     async with open_runtime(store_factory) as rt:
         ex = AgentExecutor(AgentConfig(), model=model, tools=slow_tools.registry)
         s = await rt.create_session(executor=ex)
-        evs, conversation = await _cancel_tool_then_next_turn(rt, model, s.id, name)
+        await cancel_tool_call(rt, model, s.id, name)
         assert slow_tools.calls == {"slow_async": 0, "slow_sync": 0} | {name: 1}
         if name == "slow_async":
             assert slow_tools.async_cancelled  # the tool task saw CancelledError
         else:
             # the thread cannot be interrupted: let it finish now; its result is discarded
+            assert not slow_tools.sync_returned.is_set()
             slow_tools.release.set()
             assert await asyncio.to_thread(slow_tools.sync_returned.wait, 5)
             await asyncio.sleep(0.05)  # give a (wrong) late delivery the chance to land
         late = "LATE-ASYNC-RESULT" if name == "slow_async" else "LATE-SYNC-RESULT"
-        for messages in (rt.runtime(s.id).conversation.messages(), conversation):
+        for messages in (rt.runtime(s.id).conversation.messages(), await committed(rt, s.id)):
             assert all(late not in (m.content or "") for m in messages)
+            assert all(m.role != "tool" or m.content != "ok" for m in messages)
         assert all(late not in str(d) for d in await agent_events(rt, s.id))
-        assert evs[-1]["type"] == "run_completed"
+        assert rt.runtime_state(s.id) is RuntimeState.IDLE
 
 
 async def test_conformance_18_cancel_during_builtin_wait(store_factory: StoreFactory) -> None:
-    model = RecordingOffline(_script({"type": "wait", "timeout": LONG}))
+    model = RecordingOffline(_script(_tool_step("wait")))
     async with open_runtime(store_factory) as rt:
         s = await rt.create_session(executor=AgentExecutor(AgentConfig(), model=model))
-        evs, conversation = await _cancel_tool_then_next_turn(rt, model, s.id, "wait")
-        waits = [m for m in conversation if m.role == "tool" and m.name == "wait"]
-        assert [m.content for m in waits] == [INTERRUPTED_TOOL_RESULT]
-        assert evs[-1]["type"] == "run_completed"
+        await cancel_tool_call(rt, model, s.id, "wait")
+        assert all(m.role != "tool" for m in await committed(rt, s.id))
+
+
+@pytest.mark.parametrize("name", ["slow_async", "slow_sync", "wait"])
+async def test_conformance_18_next_turn_answers_the_interrupted_call(
+    store_factory: StoreFactory, slow_tools: SlowTools, name: str
+) -> None:
+    model = RecordingOffline(_script(_tool_step(name)))
+    async with open_runtime(store_factory) as rt:
+        ex = AgentExecutor(AgentConfig(), model=model, tools=slow_tools.registry)
+        s = await rt.create_session(executor=ex)
+        await cancel_tool_call(rt, model, s.id, name)
+        slow_tools.release.set()  # a sync tool's thread ends now; its result stays discarded
+        await next_turn_answers_interrupted_call(rt, model, s.id, name)
+        if name != "wait":
+            assert slow_tools.calls[name] == 1

@@ -52,12 +52,14 @@ from meerkat_runtime.store.base import (
     Txn,
 )
 from meerkat_runtime.store.memory import MemoryStore
+from meerkat_runtime.store.postgres import PostgresStore
 from meerkat_runtime.store.sqlite import Migration, SqliteStore, load_migrations
+from tests.conformance.stores import STORE_KINDS, StoreFactory
 
 sqlite_mod = importlib.import_module("meerkat_runtime.store.sqlite")
 
 IS = InputLifecycleState
-Store = MemoryStore | SqliteStore
+Store = MemoryStore | SqliteStore | PostgresStore
 
 _PATHS: dict[IS, list[IS]] = {
     IS.ACCEPTED: [],
@@ -79,14 +81,15 @@ _PATHS: dict[IS, list[IS]] = {
 # ------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=STORE_KINDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s: Store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "m.db")
-    await s.open()
+    factory = StoreFactory(request.param, tmp_path)
+    s: Store = factory()  # type: ignore[assignment]
     try:
+        await s.open()
         yield s
     finally:
-        await s.close()
+        await factory.close_all()
 
 
 @pytest.fixture
@@ -364,7 +367,7 @@ async def test_commit_order_is_submission_order_and_group_commit(store: Store) -
     assert got is not None and got.attempt_count == 199  # the last one won
     assert [e.seq for e in await store.load_events(rid, limit=1000)] == list(range(1, 201))
     assert len(await store.load_input_states(rid)) == 201
-    if isinstance(store, SqliteStore):
+    if isinstance(store, SqliteStore | PostgresStore):
         assert store.transactions == 200
         assert store.commits < 200, "transactions waiting in the queue share one COMMIT"
     else:
@@ -1346,9 +1349,8 @@ async def test_open_store_default_creates_its_directory(
 @pytest.mark.parametrize(
     ("url", "words"),
     [
-        ("postgresql://user@host/db", ["PostgreSQL support is not in this build"]),
-        ("postgres://host/db", ["PostgreSQL support is not in this build"]),
-        ("mysql://host/db", ["unknown scheme 'mysql'", "memory://", "sqlite:///"]),
+        ("mysql://host/db", ["unknown scheme 'mysql'", "memory://", "sqlite:///", "postgresql://"]),
+        ("mysql://u:pw@host/db", ["mysql://u:***@host/db"]),
         ("state.json", ["not understood", "memory://", ".db"]),
         ("", ["empty"]),
         ("sqlite://host/x.db", ["no host"]),

@@ -14,20 +14,23 @@ from meerkat_runtime._ids import InputId
 from meerkat_runtime.runtime.inputs import PromptInput
 from meerkat_runtime.store.base import InboxEntry
 from meerkat_runtime.store.memory import MemoryStore
+from meerkat_runtime.store.postgres import PostgresStore
 from meerkat_runtime.store.sqlite import SqliteStore, load_migrations
+from tests.conformance.stores import STORE_KINDS, StoreFactory
 from tests.conformance.test_store_conformance import IS, _idem, lease, mk_state, mk_txn
 
-Store = MemoryStore | SqliteStore
+Store = MemoryStore | SqliteStore | PostgresStore
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=STORE_KINDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s: Store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "m.db")
-    await s.open()
+    factory = StoreFactory(request.param, tmp_path)
+    s: Store = factory()  # type: ignore[assignment]
     try:
+        await s.open()
         yield s
     finally:
-        await s.close()
+        await factory.close_all()
 
 
 async def test_find_input_runtime_in_the_ledger_of_the_runtime_that_holds_it(

@@ -212,7 +212,7 @@ class LoopbackServer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         while True:
-            if reader is not None and reader.at_eof():
+            if reader is not None and (reader.at_eof() or reader.exception() is not None):
                 return True
             left = deadline - loop.time()
             if left <= 0:

@@ -1,4 +1,4 @@
-"""Stores behind one protocol (``base.RuntimeStore``): memory and SQLite in this build.
+"""Stores behind one protocol (``base.RuntimeStore``): memory, SQLite and PostgreSQL.
 
 ``open_store(url)`` picks the implementation from a URL and returns it *not yet opened*
 (``await store.open()`` creates or migrates the schema). Accepted forms:
@@ -7,9 +7,10 @@
 - ``memory://``: the in-memory store (tests, throwaway runs);
 - ``sqlite:///relative/path.db`` (three slashes: relative to the working directory) and
   ``sqlite:////absolute/path.db`` (four slashes), the SQLAlchemy convention;
-- a bare filesystem path ending in ``.db``, ``.sqlite`` or ``.sqlite3``.
-
-``postgresql://`` URLs are recognised and refused: PostgreSQL is not in this build.
+- a bare filesystem path ending in ``.db``, ``.sqlite`` or ``.sqlite3``;
+- ``postgresql://user:password@host:5432/dbname`` (also ``postgres://`` and the SQLAlchemy
+  style ``postgresql+psycopg://``): the PostgreSQL store, any libpq URL (query parameters such
+  as ``sslmode=require`` or ``options=-csearch_path%3Dmyschema`` pass through).
 
 The implementations are imported lazily so that importing ``meerkat_runtime.store.base`` (as
 the runtime does) never drags in the stores, and no import cycle can form.
@@ -18,6 +19,7 @@ the runtime does) never drags in the stores, and no import cycle can form.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,14 +28,14 @@ from .base import StoreError
 if TYPE_CHECKING:
     from .base import RuntimeStore
 
-__all__ = ["default_state_path", "open_store"]
+__all__ = ["default_state_path", "open_store", "redact_url"]
 
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
 _ACCEPTED_FORMS = (
     "memory://, sqlite:///relative/path.db, sqlite:////absolute/path.db, "
-    "a file path ending in .db, .sqlite or .sqlite3, or nothing for the default "
-    "database"
+    "a file path ending in .db, .sqlite or .sqlite3, postgresql://user@host/dbname, "
+    "or nothing for the default database"
 )
 
 
@@ -69,16 +71,22 @@ def open_store(url: str | None) -> RuntimeStore:
         if scheme == "sqlite":
             return SqliteStore(_sqlite_path(text, rest), url=text)
         if scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
-            raise StoreError(
-                f"store URL {url!r}: PostgreSQL support is not in this build; "
-                f"use SQLite (the default) or one of: {_ACCEPTED_FORMS}"
-            )
+            from .postgres import PostgresStore  # psycopg is imported only when asked for
+
+            return PostgresStore(text)
         raise StoreError(
-            f"store URL {url!r}: unknown scheme {scheme!r}; use one of: {_ACCEPTED_FORMS}"
+            f"store URL {redact_url(url)!r}: unknown scheme {scheme!r}; use one of: "
+            f"{_ACCEPTED_FORMS}"
         )
     if text.lower().endswith(_SQLITE_SUFFIXES):
         return SqliteStore(Path(text).expanduser())
     raise StoreError(f"store URL {url!r} is not understood; use one of: {_ACCEPTED_FORMS}")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with a password in it replaced by ``***`` (for messages and listings)."""
+    out = re.sub(r"(://[^:/@?]*:)[^@/?]*@", r"\1***@", url)
+    return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", out)
 
 
 def _sqlite_path(url: str, rest: str) -> Path:
