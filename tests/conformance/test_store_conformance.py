@@ -1275,7 +1275,9 @@ async def test_sqlite_event_loop_keeps_running_during_commits(
     assert in_flight >= 250, "submit returned before the work was done"
     assert sq.transactions == 500
     assert len(during) >= 20, "the loop ticked while the writer was committing"
-    assert max(gaps) < 0.25, f"the event loop stalled for {max(gaps):.3f}s"
+    # a loop blocked by the writer would stall for the whole batch (500 x 2 ms = 1 s); allow
+    # scheduling noise on a busy machine, but not a stall of most of the batch
+    assert max(gaps) < 0.6, f"the event loop stalled for {max(gaps):.3f}s"
 
 
 async def test_sqlite_two_stores_on_one_file_share_leases_and_fencing(tmp_path: Path) -> None:
