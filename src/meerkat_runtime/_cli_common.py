@@ -32,7 +32,6 @@ from rich.text import Text
 from ._ids import InputId
 from .errors import MeerkatRuntimeError
 from .host import Runtime
-from .runtime.driver import SessionRuntime
 from .store.base import StoreError
 from .surfaces.common import SurfaceError, classify
 
@@ -44,7 +43,6 @@ __all__ = [
     "EXIT_RUN_FAILED",
     "EXIT_TIMEOUT",
     "EXIT_USAGE",
-    "InboxOnlyRuntime",
     "JsonOpt",
     "Spinner",
     "StoreOpt",
@@ -181,25 +179,14 @@ def _log_to_stderr() -> None:
         logger.propagate = False
 
 
-class InboxOnlyRuntime(Runtime):
-    """A runtime that runs no session: it never takes a lease, so every input it accepts
-    goes to the target session's durable inbox (S10), as from a process that does not own
-    the session. The session's owner, or the next process that runs it, takes it in. Used
-    by commands that hand something to a session and exit (peer sends): a run they started
-    would be stopped at once when they exit."""
-
-    async def _owned(self, session_id: str) -> SessionRuntime | None:
-        return None
-
-
 @contextlib.asynccontextmanager
 async def open_runtime(store: str | None, *, run_sessions: bool = True) -> AsyncIterator[Runtime]:
     """The runtime of one command: opened on ``store``, recovering only what the command
     touches, closed without a grace period (a run still going is stopped; the session's
-    next owner recovers it). ``run_sessions=False``: an ``InboxOnlyRuntime``."""
+    next owner recovers it). ``run_sessions=False``: a Runtime that owns no session
+    (every input goes to the target's durable inbox)."""
     try:
-        cls = Runtime if run_sessions else InboxOnlyRuntime
-        rt = cls.open(store, recover_on_open=False)
+        rt = Runtime.open(store, recover_on_open=False, owns_sessions=run_sessions)
     except StoreError as exc:
         raise SurfaceError("bad_request", f"--store: {exc}") from None
     try:

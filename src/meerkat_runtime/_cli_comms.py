@@ -4,9 +4,9 @@ and response forms) and ``meerkat peers SESSION``.
 - A peer send goes through ``surfaces.common.comms_send``, as ``POST /comms/send`` and
   ``comms/send`` do: the same checks, the same receipt (``--json`` prints it), the same
   errors (exit 2 for bad input, 4 for an unknown session, 3 when the target refused it).
-- The command runs no session (``InboxOnlyRuntime``): what it sends lands in the target's
-  durable inbox, and the process that runs the target (``meerkat serve``, an application,
-  or the next command that runs it) takes it in. A run started here would be stopped at
+- The command runs no session (``Runtime(owns_sessions=False)``): what it sends lands in
+  the target's durable inbox, and the process that runs the target (``meerkat serve``, an
+  application, or the next command that runs it) takes it in. A run started here would be stopped at
   once when the command exits.
 - SESSION is a session id or a session's comms name.
 """

@@ -194,6 +194,7 @@ class Runtime:
         owner_id: str | None = None,
         recover_on_open: bool = True,
         tools: ToolRegistry | None = None,
+        owns_sessions: bool = True,
     ) -> None:
         self.store = store
         self.tools = tools if tools is not None else ToolRegistry()
@@ -205,6 +206,9 @@ class Runtime:
         self.poll_interval = poll_interval
         self.owner_id = owner_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.recover_on_open = recover_on_open
+        # False: a client-only Runtime (short-lived commands): it never takes a lease, so
+        # every accept goes to the session's durable inbox (S10) and no run starts here
+        self.owns_sessions = owns_sessions
         self.recovery_reports: dict[str, dict[str, int]] = {}
         self._sessions: dict[str, SessionInfo] = {}
         self._runtimes: dict[str, SessionRuntime] = {}
@@ -235,6 +239,7 @@ class Runtime:
         poll_interval: float = 0.1,
         recover_on_open: bool = True,
         tools: ToolRegistry | None = None,
+        owns_sessions: bool = True,
     ) -> Runtime:
         """A runtime over the store at ``url``: ``None`` for the default SQLite file under
         ``$MEERKAT_STATE_DIR`` (or ``~/.local/share/meerkat``), ``sqlite:///path.db``, or
@@ -251,6 +256,7 @@ class Runtime:
             poll_interval=poll_interval,
             recover_on_open=recover_on_open,
             tools=tools,
+            owns_sessions=owns_sessions,
         )
 
     async def __aenter__(self) -> Runtime:
@@ -607,7 +613,10 @@ class Runtime:
 
     async def _owned(self, session_id: str) -> SessionRuntime | None:
         """This process's runtime for the session, taking the lease and recovering it from
-        the store on first use (S7, S10); None while another live process owns it."""
+        the store on first use (S7, S10); None while another live process owns it, and
+        always None for a Runtime that does not own sessions."""
+        if not self.owns_sessions:
+            return None
         rt = self._runtimes.get(session_id)
         if rt is not None and rt.failure is None:
             return rt  # a stopped instance stays stopped until the next Runtime opens (S8)

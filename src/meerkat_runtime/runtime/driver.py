@@ -1463,6 +1463,11 @@ class SessionRuntime:
             self._idem[rec.key] = (rec.input_id, rec.content_hash, rec.accepted_at)
         stored_state = loaded.state or RuntimeState.IDLE
         died_in_run = any(r.status == "running" for r in loaded.runs.values())
+        # S4: inputs found staged or applied count an attempt when the process died during a
+        # run (one still "running" in the store; one run at a time, so they were all in it or
+        # waiting for its continuation); a graceful stop (S8, S19) recorded its run as
+        # cancelled, and costs nothing
+        crashed = int(died_in_run)
         if (
             not loaded.inputs
             and not died_in_run
@@ -1489,11 +1494,6 @@ class SessionRuntime:
         target: RuntimeState = RuntimeState.IDLE
         if stored in (RuntimeState.RETIRED, RuntimeState.DESTROYED):
             target = stored
-        # S4: inputs found staged or applied count an attempt when the process died during a
-        # run (one still "running" in the store; one run at a time, so they were all in it or
-        # waiting for its continuation); a graceful stop (S8, S19) recorded its run as
-        # cancelled, and costs nothing
-        crashed = int(any(r.status == "running" for r in loaded.runs.values()))
 
         for run in loaded.runs.values():
             if run.status == "running":  # the process died during this run
