@@ -1,11 +1,12 @@
 """Agent events through the Runtime, and the session service, end to end.
 
-- Agent events (category ``agent``) share the session's event sequence with the runtime's own
-  events: strictly increasing ``seq``, interleaved in the order things happened, and every
-  ``data`` is an event of the installed ``meerkat-sdk`` (``meerkat.events.parse_event`` gives
-  its typed class), except our own three types, which the SDK reads as ``UnknownEvent``.
-- On SQLite every agent event but ``text_delta`` is stored: a reopened Runtime reads the same
-  events with the same seqs.
+- S15: agent events (category ``agent``) share the session's event sequence with the
+  runtime's own events: strictly increasing ``seq``, interleaved in the order things
+  happened, and every ``data`` is an event of the installed ``meerkat-sdk``
+  (``meerkat.events.parse_event`` gives its typed class), except our own three types, which
+  the SDK reads as ``UnknownEvent``.
+- S15: on SQLite every agent event but ``text_delta`` is stored (deltas live only in the
+  in-memory ring): a reopened Runtime reads the same events with the same seqs.
 - The session service: labels and listing, ``read_session``, ``history`` paging,
   ``archive_session``, the deferred prompt, per-turn overrides and refused settings.
 """
