@@ -28,9 +28,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
@@ -77,17 +78,22 @@ from .sessions import AGENT_KEYS, HistoryPage, SessionView, agent_config_from
 from .store import open_store
 from .store.base import (
     CommsNameTakenError,
+    FencedError,
     IdempotencyRecord,
     InboxEntry,
     RuntimeStore,
     SessionRecord,
+    StoreError,
 )
 
-__all__ = ["CompletionHandle", "ExecutorFactory", "Runtime", "SessionInfo"]
+__all__ = ["CompletionHandle", "ExecutorFactory", "OwnershipHook", "Runtime", "SessionInfo"]
 
 log = logging.getLogger("meerkat_runtime")
 
 ExecutorFactory = Callable[[SessionRecord], CoreExecutor | None]
+# (event, session id, generation, detail): "acquired" a lease, "lost" it (stopped here),
+# "released" it at shutdown
+OwnershipHook = Callable[[str, str, int, str], None]
 
 
 @dataclass(slots=True)
@@ -195,7 +201,14 @@ class Runtime:
         recover_on_open: bool = True,
         tools: ToolRegistry | None = None,
         owns_sessions: bool = True,
+        max_sessions: int | None = None,
+        slow_poll: float = 2.0,
+        on_ownership: OwnershipHook | None = None,
     ) -> None:
+        if max_sessions is not None and max_sessions < 1:
+            raise InvalidArgumentError(f"max_sessions must be at least 1, got {max_sessions}")
+        if lease_ttl <= 0:
+            raise InvalidArgumentError(f"lease_ttl must be positive, got {lease_ttl}")
         self.store = store
         self.tools = tools if tools is not None else ToolRegistry()
         self.policy = policy or default_policy_table()
@@ -209,6 +222,22 @@ class Runtime:
         # False: a client-only Runtime (short-lived commands): it never takes a lease, so
         # every accept goes to the session's durable inbox (S10) and no run starts here
         self.owns_sessions = owns_sessions
+        # at most this many leases at once (a worker's bound); beyond it, inputs for other
+        # sessions go to their inboxes and another process runs them
+        self.max_sessions = max_sessions
+        # with a store that notifies (PostgreSQL), polls are only a backstop: this often
+        self.slow_poll = slow_poll
+        self.on_ownership = on_ownership
+        self._notifying = callable(getattr(store, "notifications", None))
+        self._listener: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._watchers: dict[str, set[asyncio.Event]] = {}
+        # session -> monotonic time the last successful acquire/renew of its lease was sent:
+        # the lease is valid until at least that + lease_ttl on any sane clock
+        self._lease_sent: dict[str, float] = {}
+        self._adopting: set[str] = set()
+        self._draining = False
         self.recovery_reports: dict[str, dict[str, int]] = {}
         self._sessions: dict[str, SessionInfo] = {}
         self._runtimes: dict[str, SessionRuntime] = {}
@@ -240,12 +269,17 @@ class Runtime:
         recover_on_open: bool = True,
         tools: ToolRegistry | None = None,
         owns_sessions: bool = True,
+        max_sessions: int | None = None,
+        slow_poll: float = 2.0,
+        on_ownership: OwnershipHook | None = None,
+        owner_id: str | None = None,
     ) -> Runtime:
         """A runtime over the store at ``url``: ``None`` for the default SQLite file under
-        ``$MEERKAT_STATE_DIR`` (or ``~/.local/share/meerkat``), ``sqlite:///path.db``, or
-        ``memory://``. The store is opened (and pending sessions recovered, S7) on entering
-        ``async with`` or on first use. ``tools`` are offered to every built-in agent session
-        (a session may add its own at ``create_session``)."""
+        ``$MEERKAT_STATE_DIR`` (or ``~/.local/share/meerkat``), ``sqlite:///path.db``,
+        ``postgresql://user:password@host:5432/dbname``, or ``memory://`` (``open_store``
+        lists every accepted form). The store is opened (and pending sessions recovered,
+        S7) on entering ``async with`` or on first use. ``tools`` are offered to every
+        built-in agent session (a session may add its own at ``create_session``)."""
         return cls(
             open_store(url),
             policy=policy,
@@ -257,6 +291,10 @@ class Runtime:
             recover_on_open=recover_on_open,
             tools=tools,
             owns_sessions=owns_sessions,
+            max_sessions=max_sessions,
+            slow_poll=slow_poll,
+            on_ownership=on_ownership,
+            owner_id=owner_id,
         )
 
     async def __aenter__(self) -> Runtime:
@@ -298,9 +336,12 @@ class Runtime:
 
                 pending = await self.store.runtimes_with_pending_inputs()
                 await asyncio.gather(*(_recover(sid) for sid in pending))
-            self._maintainer = asyncio.get_running_loop().create_task(
-                self._maintain(), name="meerkat-runtime-maintainer"
-            )
+            loop = asyncio.get_running_loop()
+            self._maintainer = loop.create_task(self._maintain(), name="meerkat-runtime-maintainer")
+            if self.owns_sessions:
+                self._keeper = loop.create_task(self._keep_leases(), name="meerkat-lease-keeper")
+            if self._notifying:
+                self._listener = loop.create_task(self._listen(), name="meerkat-store-listener")
 
     async def close(self, grace: float | None = None) -> None:
         """S19: stop accepting, give active runs ``grace`` seconds (default from config),
@@ -309,15 +350,30 @@ class Runtime:
         if self._closed:
             return
         self._closed = True
-        if self._maintainer is not None:
-            self._maintainer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._maintainer
+        self._draining = True
+        for task in (self._maintainer, self._listener, *self._tasks):
+            if task is not None:
+                task.cancel()
+        for task in (self._maintainer, self._listener, *self._tasks):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        # the lease keeper runs on while active runs finish their grace period: a drain
+        # longer than the lease must not let another process take the sessions mid-run
         await asyncio.gather(*(rt.close(grace) for rt in self._runtimes.values()))
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._keeper
         if self._started:
-            for sid, rt in self._runtimes.items():
+
+            async def _release(sid: str, rt: SessionRuntime) -> None:
                 with contextlib.suppress(Exception):
                     await self.store.release_lease(sid, self.owner_id, rt.generation)
+                    self._ownership("released", sid, rt.generation, "shutdown")
+
+            await asyncio.gather(*(_release(sid, rt) for sid, rt in self._runtimes.items()))
+        self._wake_all()
         await self.store.close()
 
     def _check_open(self) -> None:
@@ -598,6 +654,10 @@ class Runtime:
             raise SessionNotFoundError(session_id)
         return info
 
+    def owned_sessions(self) -> list[str]:
+        """Ids of the sessions this process runs now (holds the lease of)."""
+        return list(self._runtimes)
+
     def runtime(self, session_id: str) -> SessionRuntime:
         """The session's runtime if this process owns it (loaded); see ``_owned``."""
         rt = self._runtimes.get(session_id)
@@ -631,10 +691,14 @@ class Runtime:
             if record is None:
                 raise SessionNotFoundError(session_id)
             self._sessions.setdefault(session_id, SessionInfo.from_record(record))
+            if self._at_capacity() or self._draining:
+                return None  # its inbox takes the input; another process runs it
             executor = self._executor_for(record)
+            sent = time.monotonic()
             generation = await self.store.acquire_lease(session_id, self.owner_id, self.lease_ttl)
             if generation is None:
                 return None
+            self._lease_sent[session_id] = sent
             rt = SessionRuntime(
                 session_id,
                 self.store,
@@ -648,6 +712,7 @@ class Runtime:
             loaded = await self.store.load_runtime(session_id)
             loaded.generation = generation
             self._runtimes[session_id] = rt
+            self._ownership("acquired", session_id, generation, "")
             self.recovery_reports[session_id] = await rt.recover(loaded)
             await self._ingest(rt)
             return rt
@@ -663,58 +728,223 @@ class Runtime:
                 await rt.ingest(entry)
 
     async def _maintain(self) -> None:
-        """Renew leases, ingest inbox entries other processes wrote, drop instances that
-        stopped on a store failure (their next use recovers from the store)."""
-        last_renew = last_prune = last_adopt = time.monotonic()
+        """Ingest inbox entries other processes wrote (on a change of the store's change
+        token: every ``poll_interval``, or every ``slow_poll`` when the store notifies and
+        this is only the backstop), adopt orphaned sessions, drop instances that stopped on a
+        store failure (their next use recovers from the store), prune (S18)."""
+        check_every = self.slow_poll if self._notifying else self.poll_interval
+        adopt_every = self.lease_ttl / 4 if self._notifying else self.lease_ttl / 2
+        last_check = last_prune = last_adopt = time.monotonic()
         while True:
             await asyncio.sleep(self.poll_interval)
             try:
                 now = time.monotonic()
-                if self.recover_on_open and now - last_adopt >= self.lease_ttl / 2:
+                if self._adopts() and now - last_adopt >= adopt_every:
                     last_adopt = now
                     await self._adopt_orphans()
                 for sid, rt in list(self._runtimes.items()):
                     if rt.failure is not None:
                         self._runtimes.pop(sid, None)  # its next use recovers from the store
+                        self._lease_sent.pop(sid, None)
                 now = time.monotonic()
-                if now - last_renew >= self.lease_ttl / 3:
-                    last_renew = now
-                    for sid, rt in list(self._runtimes.items()):
-                        ok = await self.store.renew_lease(
-                            sid, self.owner_id, rt.generation, self.lease_ttl
-                        )
-                        if not ok:
-                            rt.stop("lease lost: another process owns this session now")
-                            self._runtimes.pop(sid, None)
                 if now - last_prune >= self.config.prune_interval:
                     last_prune = now
                     await self.prune()
-                token = await self.store.change_token()
-                if token != self._token:
-                    self._token = token
-                    for rt in list(self._runtimes.values()):
-                        await self._ingest(rt)
+                if now - last_check >= check_every:
+                    last_check = now
+                    token = await self.store.change_token()
+                    if token != self._token:
+                        self._token = token
+                        for rt in list(self._runtimes.values()):
+                            await self._ingest(rt)
+                        self._wake_all()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.error("runtime maintenance failed: %s", exc)
 
-    async def _adopt_orphans(self) -> None:
-        """Take over sessions with pending work whose owner's lease expired (the owner died):
-        without this, a session whose owner died while this process started would wait for
-        something to touch it (e.g. a peer request sitting in its inbox). Only processes that
-        recover on open (servers, workers) adopt; short-lived ones (CLI commands) do not."""
-        wall = time.time()
-        for sid in await self.store.runtimes_with_pending_inputs():
-            if sid in self._runtimes:
-                continue
-            owner, expiry, _ = await self.store.lease_owner(sid)
-            if owner is not None and expiry is not None and expiry > wall:
-                continue  # a live owner runs it
+    async def _keep_leases(self) -> None:
+        """S10: renew every held lease each ``lease_ttl / 3`` (all at once: a store with
+        group commit writes them in one transaction) and stop, without writing, every session
+        whose lease could not be renewed in time.
+
+        Invariant: this process runs a session only while its lease is surely valid. A lease
+        renewed by a request sent at monotonic time ``t`` is valid until at least
+        ``t + lease_ttl`` (the database stamps the expiry when it runs the request, which is
+        later). A session not renewed by ``t + 0.75 * lease_ttl`` (store unreachable, the
+        connection killed: a partition) is stopped then, a quarter of the lease before any
+        other process may take it over; a renewal the store refuses (another generation owns
+        the session) stops it at once. Its later writes, if any were in flight, are refused by
+        the store's fencing (S10). Runs on a task of its own so that a hung store call never
+        delays the deadline checks."""
+        renew_every = self.lease_ttl / 3
+        tick = min(self.lease_ttl / 12, max(self.poll_interval, 0.05))
+        round_task: asyncio.Task[None] | None = None
+        last_round = time.monotonic()
+        try:
+            while True:
+                await asyncio.sleep(tick)
+                now = time.monotonic()
+                for sid, sent in list(self._lease_sent.items()):
+                    if now - sent > 0.75 * self.lease_ttl and sid in self._runtimes:
+                        self._lose(sid, "lease not renewed in time (store unreachable?)")
+                if now - last_round >= renew_every and (round_task is None or round_task.done()):
+                    last_round = now
+                    round_task = asyncio.get_running_loop().create_task(self._renew_round())
+        finally:
+            if round_task is not None:
+                round_task.cancel()
+
+    async def _renew_round(self) -> None:
+        async def _renew(sid: str, rt: SessionRuntime) -> None:
+            sent = time.monotonic()
             try:
-                await self._owned(sid)
+                ok = await asyncio.wait_for(
+                    self.store.renew_lease(sid, self.owner_id, rt.generation, self.lease_ttl),
+                    self.lease_ttl / 3,
+                )
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:
-                log.error("taking over session %s failed: %s", sid, exc)
+                log.warning("renewing the lease of session %s failed: %s", sid, exc or "timeout")
+                return
+            if self._runtimes.get(sid) is not rt:
+                return
+            if ok:
+                self._lease_sent[sid] = sent
+            else:
+                self._lose(sid, "lease lost: another process owns this session now")
+
+        await asyncio.gather(*(_renew(sid, rt) for sid, rt in list(self._runtimes.items())))
+
+    def _lose(self, session_id: str, reason: str) -> None:
+        """Stop the session here (S8, nothing abandoned) because its lease is gone or may be
+        gone; in-process waiters follow their inputs to the new owner through the store."""
+        rt = self._runtimes.pop(session_id, None)
+        self._lease_sent.pop(session_id, None)
+        if rt is None:
+            return
+        if rt.failure is None:
+            rt.failure = FencedError(f"session {session_id}: {reason}")
+        rt.stop(reason)
+        log.warning("stopped session %s: %s", session_id, reason)
+        self._ownership("lost", session_id, rt.generation, reason)
+
+    def _ownership(self, event: str, session_id: str, generation: int, detail: str) -> None:
+        if self.on_ownership is not None:
+            try:
+                self.on_ownership(event, session_id, generation, detail)
+            except Exception as exc:  # an observer must not break ownership
+                log.error("on_ownership hook failed: %s", exc)
+
+    def _adopts(self) -> bool:
+        """Whether this process takes over sessions nobody runs: processes that own sessions
+        and recover on open (servers, workers), not short-lived CLI commands."""
+        return self.owns_sessions and self.recover_on_open and not self._draining
+
+    def _at_capacity(self) -> bool:
+        return self.max_sessions is not None and len(self._runtimes) >= self.max_sessions
+
+    async def _adopt_orphans(self) -> None:
+        """Take over sessions with pending work whose owner's lease expired (the owner died)
+        or was released (a drained worker), up to ``max_sessions``: without this, such a
+        session would wait for something to touch it (e.g. a peer request in its inbox)."""
+        for sid in await self.store.runtimes_needing_owner():
+            if self._at_capacity() or not self._adopts():
+                return
+            if sid not in self._runtimes:
+                await self._adopt(sid)
+
+    async def _adopt(self, session_id: str) -> None:
+        if session_id in self._adopting:
+            return
+        self._adopting.add(session_id)
+        try:
+            await self._owned(session_id)
+        except SessionNotFoundError:
+            pass  # an inbox for a session never created (or deleted): nothing to run
+        except Exception as exc:
+            log.error("taking over session %s failed: %s", session_id, exc)
+        finally:
+            self._adopting.discard(session_id)
+
+    # ------------------------------------------------------------------ notifications
+
+    async def _listen(self) -> None:
+        """React to the store's notices (``NotifyingStore``): ingest inbox arrivals of owned
+        sessions at once, offer sessions that need an owner to this process (the less loaded
+        a process is, the sooner it tries: sessions spread over workers), and wake waiters
+        and event followers of changed sessions."""
+        notices = self.store.notifications()  # type: ignore[attr-defined]
+        async for notice in notices:
+            rid = notice.runtime_id
+            if notice.topic == "change":
+                self._wake(rid)
+            elif notice.topic == "inbox":
+                rt = self._runtimes.get(rid)
+                if rt is not None:
+                    self._spawn(self._ingest(rt))
+                elif self._adopts() and not self._at_capacity():
+                    self._spawn(self._adopt_later(rid))
+            else:  # resync: something may have been missed
+                self._wake_all()
+                for rt in list(self._runtimes.values()):
+                    self._spawn(self._ingest(rt))
+                if self._adopts():
+                    self._spawn(self._adopt_orphans())
+
+    async def _adopt_later(self, session_id: str) -> None:
+        load = len(self._runtimes) / (self.max_sessions or 100)
+        await asyncio.sleep(random.uniform(0.0, 0.01) + 0.05 * min(load, 1.0))
+        if session_id in self._runtimes or not self._adopts() or self._at_capacity():
+            return
+        owner, expiry, _ = await self.store.lease_owner(session_id)
+        if owner is not None and expiry is not None and expiry > time.time():
+            return  # someone runs it (its inbox notice reached that owner too)
+        await self._adopt(session_id)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("runtime background task failed: %s", task.exception())
+
+    def _watch(self, session_id: str) -> asyncio.Event:
+        """An event set at the next change notice of the session (register it before
+        reading the store, so a change between the read and the wait is not missed)."""
+        ev = asyncio.Event()
+        self._watchers.setdefault(session_id, set()).add(ev)
+        return ev
+
+    def _unwatch(self, session_id: str, ev: asyncio.Event) -> None:
+        evs = self._watchers.get(session_id)
+        if evs is not None:
+            evs.discard(ev)
+            if not evs:
+                del self._watchers[session_id]
+
+    def _wake(self, session_id: str) -> None:
+        for ev in self._watchers.get(session_id, ()):
+            ev.set()
+
+    def _wake_all(self) -> None:
+        for evs in self._watchers.values():
+            for ev in evs:
+                ev.set()
+
+    async def _until_change(self, ev: asyncio.Event) -> None:
+        """Sleep until ``ev`` is set or the poll period passes (``slow_poll`` when the store
+        notifies: the notice normally comes first)."""
+        period = self.slow_poll if self._notifying and self._listening() else self.poll_interval
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ev.wait(), period)
+
+    def _listening(self) -> bool:
+        return self._listener is not None and not self._listener.done()
 
     async def prune(self) -> dict[str, int]:
         """S18: delete terminal inputs, receipts, runs and idempotency keys older than the
@@ -843,6 +1073,33 @@ class Runtime:
         return await asyncio.wait_for(self._wait(session_id, iid), timeout)
 
     async def _wait(self, session_id: str, iid: InputId) -> WaitOutcome:
+        """Every waiter resolves: a store that cannot be reached for a while (a partition, a
+        database restart) delays the answer, it does not fail the wait (``wait``'s timeout
+        bounds it); the failure is logged once per outage."""
+        failing = False
+        while True:
+            ev = self._watch(session_id)
+            try:
+                try:
+                    found = await self._wait_once(session_id, iid)
+                except StoreError as exc:
+                    if self._closed or isinstance(exc, FencedError):
+                        raise
+                    if not failing:
+                        log.warning("waiting for input %s: %s; retrying", iid, exc)
+                    failing = True
+                    await asyncio.sleep(max(self.poll_interval, 0.2))
+                    continue
+                failing = False
+                if found is not None:
+                    return found
+                await self._until_change(ev)
+            finally:
+                self._unwatch(session_id, ev)
+
+    async def _wait_once(self, session_id: str, iid: InputId) -> WaitOutcome | None:
+        """One look for the input's outcome: through the owned runtime (awaited there), else
+        one store read; None when the outcome is not known yet."""
         while True:
             rt = await self._owned(session_id)
             if rt is not None:
@@ -873,7 +1130,7 @@ class Runtime:
                 rt is not None or (await self.store.lease_owner(session_id))[0] is None
             ):
                 raise InputNotFoundError(str(iid), f"session {session_id}")
-            await asyncio.sleep(self.poll_interval)
+            return None
 
     async def _inbox_entry(self, session_id: str, iid: InputId) -> InboxEntry | None:
         """The inbox entry of an input acknowledged but not yet ingested by the owner."""
@@ -1050,8 +1307,14 @@ class Runtime:
                 if not follow:
                     return
                 while True:
-                    await asyncio.sleep(self.poll_interval)
-                    for e in await self.store.load_events(session_id, seq, 1000):
+                    ev = self._watch(session_id)
+                    try:
+                        batch = await self.store.load_events(session_id, seq, 1000)
+                        if not batch:
+                            await self._until_change(ev)
+                    finally:
+                        self._unwatch(session_id, ev)
+                    for e in batch:
                         yield e
                         seq = e.seq
         assert rt is not None

@@ -50,7 +50,7 @@ def load_pg_migrations() -> list[PgMigration]:
     return out
 
 
-async def _current_schema(conn: AsyncConnection[TupleRow]) -> str:
+async def current_schema(conn: AsyncConnection[TupleRow]) -> str:
     cur = await conn.execute("SELECT current_schema()")
     row = await cur.fetchone()
     if row is None or row[0] is None:
@@ -67,7 +67,7 @@ async def schema_version(conn: AsyncConnection[TupleRow], known: int) -> int | N
     """The version recorded in the current schema: None for an empty schema (no tables at
     all). Refuses a schema that holds other tables but no ``schema_version`` (another
     application's), and one newer than ``known``."""
-    schema = await _current_schema(conn)
+    schema = await current_schema(conn)
     cur = await conn.execute(
         "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
         " WHERE n.nspname = %s AND c.relkind IN ('r', 'p', 'v', 'm', 'f')",
@@ -126,7 +126,7 @@ async def apply_migrations(
     known = max((m.version for m in migrations), default=0)
     applied: list[int] = []
     async with conn.transaction():
-        schema = await _current_schema(conn)
+        schema = await current_schema(conn)
         await conn.execute(
             "SELECT pg_advisory_xact_lock(%s, n.oid::int) FROM pg_namespace n WHERE nspname = %s",
             (_MIGRATION_LOCK, schema),

@@ -31,7 +31,7 @@ transaction is durable. Invariants every store keeps:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -49,12 +49,14 @@ __all__ = [
     "IdempotencyRecord",
     "InboxEntry",
     "LoadedRuntime",
+    "NotifyingStore",
     "PeerRequestClose",
     "PeerRequestRecord",
     "RunRecord",
     "RuntimeStore",
     "SessionRecord",
     "StoreError",
+    "StoreNotice",
     "Txn",
 ]
 
@@ -159,6 +161,17 @@ class PeerRequestClose:
     closed_by: str | None = None
 
 
+@dataclass(slots=True, frozen=True)
+class StoreNotice:
+    """A hint from a store that notifies (``NotifyingStore``): ``inbox`` (an input reached
+    ``runtime_id``'s inbox, or its lease was released: it may need an owner), ``change`` (a
+    transaction of ``runtime_id`` committed) or ``resync`` (notices may have been missed:
+    re-read everything; ``runtime_id`` is empty)."""
+
+    topic: str
+    runtime_id: str
+
+
 @dataclass(slots=True)
 class LoadedRuntime:
     """What recovery needs of one runtime (S7), read in one go.
@@ -227,7 +240,8 @@ class Txn:
 
 
 class RuntimeStore(Protocol):
-    """Everything the runtime asks of a store. Implementations: memory, sqlite."""
+    """Everything the runtime asks of a store. Implementations: memory, SQLite and
+    PostgreSQL (``postgresql://user@host/dbname``); ``open_store(url)`` picks one."""
 
     url: str
 
@@ -262,6 +276,11 @@ class RuntimeStore(Protocol):
 
     async def runtimes_with_pending_inputs(self) -> list[str]:
         """Ids of runtimes holding non-terminal inputs or inbox entries (one indexed query)."""
+        ...
+
+    async def runtimes_needing_owner(self, limit: int = 1000) -> list[str]:
+        """Runtimes with pending inputs or inbox entries whose lease is free or expired (on
+        the store's clock): what a worker should take over. At most ``limit``, by id."""
         ...
 
     async def load_runtime(self, runtime_id: str) -> LoadedRuntime: ...
@@ -378,4 +397,15 @@ class RuntimeStore(Protocol):
         """Delete, in batches, terminal input states, receipts and runs older than
         ``older_than``, idempotency keys older than it, and events beyond the last
         ``keep_events`` per runtime. Never deletes anything non-terminal. Returns counts."""
+        ...
+
+
+class NotifyingStore(RuntimeStore, Protocol):
+    """A store shared by several processes that pushes ``StoreNotice`` hints as other
+    processes commit (PostgreSQL: LISTEN/NOTIFY). A Runtime over one reacts to them instead
+    of polling, and keeps only a slow poll for notices a lost connection missed."""
+
+    def notifications(self) -> AsyncIterator[StoreNotice]:
+        """Notices until the store closes; the first one (and the first after each
+        reconnection) is ``resync``."""
         ...

@@ -331,6 +331,21 @@ class MemoryStore:
         ids.update(rid for rid, entries in self.inbox.items() if entries)
         return sorted(ids)
 
+    async def runtimes_needing_owner(self, limit: int = 1000) -> list[str]:
+        self._fault("runtimes_needing_owner")
+        now = time.time()
+        out = []
+        for rid in await self.runtimes_with_pending_inputs():
+            row = self._rows.get(rid)
+            if (
+                row is None
+                or row.lease_owner is None
+                or row.lease_expiry is None
+                or row.lease_expiry <= now
+            ):
+                out.append(rid)
+        return out[:limit]
+
     async def load_runtime(self, runtime_id: str) -> LoadedRuntime:
         self._fault("load_runtime")
         rid = runtime_id

@@ -76,7 +76,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -94,6 +94,7 @@ from ..runtime.events import RuntimeEventEnvelope
 from ..runtime.input_state import CoalescingSource, InputState
 from ..runtime.state import RuntimeState
 from . import redact_url as redact
+from ._pg_listen import Channels, channels_for, listen
 from ._pg_rows import (
     PEER_COLS,
     PRUNE,
@@ -112,7 +113,13 @@ from ._pg_rows import (
     snapshot,
     state_from_json,
 )
-from ._pg_schema import PgMigration, apply_migrations, check_schema, load_pg_migrations
+from ._pg_schema import (
+    PgMigration,
+    apply_migrations,
+    check_schema,
+    current_schema,
+    load_pg_migrations,
+)
 from .base import (
     CommsNameTakenError,
     FencedError,
@@ -123,6 +130,7 @@ from .base import (
     RunRecord,
     SessionRecord,
     StoreError,
+    StoreNotice,
     Txn,
 )
 
@@ -258,7 +266,7 @@ def _txn_refusal(exc: psycopg.Error, t: TxnRows) -> Exception:
     return exc
 
 
-async def _apply_txn(conn: Conn, t: TxnRows) -> None:
+async def _apply_txn(conn: Conn, t: TxnRows, channel: str) -> None:
     """Write one encoded transaction inside its own savepoint, all statements in one pipeline
     (one round trip): ``meerkat_fence`` first (the row lock and the generation check, in the
     database), then the writes. On any error the savepoint is rolled back before the error
@@ -347,6 +355,9 @@ async def _apply_txn(conn: Conn, t: TxnRows) -> None:
                 " WHERE runtime_id = %s",
                 (t.state, int(t.recovered), t.last_seq, t.next_generation, t.now, rid),
             )
+            # waiters and event followers in other processes (LISTEN, _pg_listen.py); a
+            # notification is delivered at COMMIT, and dropped if the savepoint rolls back
+            await cur.execute("SELECT pg_notify(%s, %s)", (channel, rid))
             await cur.execute("RELEASE SAVEPOINT txn")
     except psycopg.Error as exc:
         if _broken(conn):
@@ -363,13 +374,14 @@ class _TxnJob:
     """A submitted transaction: encoded when the writer reaches it, then applied in its own
     savepoint (``_Job.own_savepoint``)."""
 
-    __slots__ = ("txn",)
+    __slots__ = ("channel", "txn")
 
-    def __init__(self, txn: Txn) -> None:
+    def __init__(self, txn: Txn, channel: str) -> None:
         self.txn = txn
+        self.channel = channel
 
     async def __call__(self, conn: Conn) -> None:
-        await _apply_txn(conn, encode_txn(self.txn))
+        await _apply_txn(conn, encode_txn(self.txn), self.channel)
 
 
 async def _acquire(conn: Conn, rid: str, owner: str, ttl: float) -> int | None:
@@ -403,6 +415,7 @@ async def _inbox_push(
     entry: tuple[str, str, str | None, datetime],
     idem: tuple[str, str, str, datetime] | None,
     max_pending: int,
+    channel: str,
 ) -> tuple[str, str | None, int]:
     rid, input_json, recon_json, now = entry
     cur = await conn.execute("SELECT 1 FROM runtimes WHERE runtime_id = %s FOR UPDATE", (rid,))
@@ -438,6 +451,8 @@ async def _inbox_push(
         (rid, idem[1] if idem is not None else None, input_json, recon_json, now),
     )
     row = await cur.fetchone()
+    # the owner (or, with none, any worker) ingests it at once (LISTEN, _pg_listen.py)
+    await conn.execute("SELECT pg_notify(%s, %s)", (channel, rid))
     return ("accepted", None, int(row[0]) if row is not None else 0)
 
 
@@ -587,6 +602,8 @@ class PostgresStore:
         self._pool: AsyncConnectionPool[Conn] | None = None
         self._open_lock = asyncio.Lock()
         self._dead: StoreError | None = None  # set if the writer task stopped unexpectedly
+        # LISTEN/NOTIFY channels of this store's schema (set at open)
+        self.channels: Channels = channels_for("public")
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.url!r}, {self._state})"
@@ -652,6 +669,7 @@ class PostgresStore:
             try:
                 conn = await self._connect_writer()
                 self.applied_migrations = await check_schema(conn, self._migration_list())
+                self.channels = channels_for(await current_schema(conn))
                 pool = AsyncConnectionPool(
                     _conninfo(self._dsn),
                     min_size=1,
@@ -946,7 +964,7 @@ class PostgresStore:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
             self._check_open()
-            job = _TxnJob(snapshot(txn))
+            job = _TxnJob(snapshot(txn), self.channels.changes)
         except BaseException as exc:
             fut.set_exception(self._error(exc))
             return fut
@@ -1031,6 +1049,23 @@ class PostgresStore:
             cur = await conn.execute(
                 "SELECT runtime_id FROM input_states WHERE NOT is_terminal"
                 " UNION SELECT runtime_id FROM inbox ORDER BY 1"
+            )
+            return [str(r[0]) for r in await cur.fetchall()]
+
+        return await self._read(run)
+
+    async def runtimes_needing_owner(self, limit: int = 1000) -> list[str]:
+        """Pending runtimes whose lease is free or expired on the database's clock."""
+
+        async def run(conn: Conn) -> list[str]:
+            cur = await conn.execute(
+                "SELECT p.runtime_id FROM (SELECT runtime_id FROM input_states"
+                " WHERE NOT is_terminal UNION SELECT runtime_id FROM inbox) p"
+                " LEFT JOIN runtimes r ON r.runtime_id = p.runtime_id"
+                " WHERE r.runtime_id IS NULL OR r.lease_owner IS NULL"
+                " OR r.lease_expiry IS NULL OR r.lease_expiry <= clock_timestamp()"
+                " ORDER BY 1 LIMIT %s",
+                (limit,),
             )
             return [str(r[0]) for r in await cur.fetchall()]
 
@@ -1122,6 +1157,13 @@ class PostgresStore:
 
         return await self._read(run)
 
+    def notifications(self) -> AsyncIterator[StoreNotice]:
+        """Inbox arrivals, lease releases and committed changes of every process on this
+        database, as they commit (LISTEN on a connection of its own; see ``_pg_listen``).
+        Hints only: consumers keep a slow poll for what a lost connection misses."""
+        self._check_open()
+        return listen(self._connect, self.channels, self.url, lambda: self._state == "open")
+
     # ---------------------------------------------------------------- ownership (S10)
 
     async def acquire_lease(self, runtime_id: str, owner: str, ttl: float) -> int | None:
@@ -1142,11 +1184,13 @@ class PostgresStore:
 
     async def release_lease(self, runtime_id: str, owner: str, generation: int) -> None:
         async def run(conn: Conn) -> None:
-            await conn.execute(
+            cur = await conn.execute(
                 "UPDATE runtimes SET lease_owner = NULL, lease_expiry = NULL"
                 " WHERE runtime_id = %s AND lease_owner = %s AND generation = %s",
                 (runtime_id, owner, generation),
             )
+            if cur.rowcount == 1:  # a drained session: a worker may take it over now
+                await conn.execute("SELECT pg_notify(%s, %s)", (self.channels.inbox, runtime_id))
 
         await self._write(run, locks=(runtime_id,))
 
@@ -1185,7 +1229,7 @@ class PostgresStore:
             else None
         )
         verdict, existing, seq = await self._write(
-            lambda conn: _inbox_push(conn, row, idem, max_pending),
+            lambda conn: _inbox_push(conn, row, idem, max_pending, self.channels.inbox),
             locks=(entry.runtime_id,),
             unique=True,
         )

@@ -1291,6 +1291,22 @@ class SqliteStore:
 
         return await self._read(run)
 
+    async def runtimes_needing_owner(self, limit: int = 1000) -> list[str]:
+        """Pending runtimes whose lease is free or expired (one query)."""
+
+        def run(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT p.runtime_id FROM (SELECT runtime_id FROM input_states"
+                " WHERE is_terminal = 0 UNION SELECT runtime_id FROM inbox) p"
+                " LEFT JOIN runtimes r ON r.runtime_id = p.runtime_id"
+                " WHERE r.runtime_id IS NULL OR r.lease_owner IS NULL"
+                " OR r.lease_expiry IS NULL OR r.lease_expiry <= ? ORDER BY 1 LIMIT ?",
+                (time.time(), limit),
+            ).fetchall()
+            return [r[0] for r in rows]
+
+        return await self._read(run)
+
     async def load_runtime(self, runtime_id: str) -> LoadedRuntime:
         return await self._read(lambda conn: _load_runtime(conn, runtime_id), snapshot=True)
 
