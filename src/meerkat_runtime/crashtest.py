@@ -2,9 +2,11 @@
 back from the database (spec §5, conformance cases 11-16).
 
 **The child** (``python -m meerkat_runtime.crashtest child SPEC_JSON``, or ``@path`` to a file
-holding the JSON) runs a small, deterministic workload against a SQLite runtime:
+holding the JSON) runs a small, deterministic workload against a runtime on the spec's store:
+``ChildSpec.store``, any URL ``meerkat_runtime.store.open_store`` accepts (``sqlite:///...``,
+``postgresql://...``), by default the SQLite file ``ChildSpec.db``:
 
-1. opens the runtime at the spec's database (recovering whatever a killed predecessor left,
+1. opens the runtime on that store (recovering whatever a killed predecessor left,
    S7) with the default policy table plus a row that makes projected inputs runnable (they
    wake the runtime or are held), a projection rebuilder (S13) and a small ``RuntimeConfig``
    (fast backoff, short grace);
@@ -29,8 +31,8 @@ it passes ``point``.
 every crash point plus ``random``, where the parent itself sends SIGKILL after a random delay)
 and a random small ``n``, runs the child with the point armed, checks it died of SIGKILL
 (returncode -9) or notes that it finished without reaching the point, snapshots the terminal
-input states (read-only SQLite connection), restarts the child unarmed so it recovers and
-finishes, and checks, from the database and the child's files:
+input states (read-only, see *Reading the store* below), restarts the child unarmed so it
+recovers and finishes, and checks, from the database and the child's files:
 
 (a) every acknowledged input is in the store and terminal, and a durable (or derived) one is
     never ``abandoned{recovery_failed}``; an acknowledged *ephemeral* input may be absent (it
@@ -91,6 +93,23 @@ restart. One trial in five also kills the recovering process at a random instant
 final restart. Trials whose owner id changes between processes (``takeover``) exercise lease
 expiry and the durable inbox too (S10).
 
+**Reading the store.** The parent never reads through the runtime or the store it tests (a bug
+in their reads must not hide one in their writes): ``read_db(location)`` reads the tables
+themselves with a read-only connection, in one snapshot, through a ``DbReader`` for the
+location: ``SqliteReader`` (a SQLite file or ``sqlite:///`` URL: a ``mode=ro`` connection, one
+read transaction) or ``PostgresReader`` (a ``postgresql://`` URL: a psycopg connection in a
+``REPEATABLE READ READ ONLY`` transaction, in the URL's schema). Both fill the same ``DbView``
+with the same values (PostgreSQL's ``text[]``, ``jsonb`` and ``timestamptz`` columns become the
+lists, dicts and microseconds SQLite stores as JSON text and integers), so every check is the
+same on both stores. The side-effect log, the ack logs, the outcomes and reports are files in
+the trial's directory, whatever the store.
+
+**PostgreSQL trials** (``run_crashtest(pg_url=...)``, ``meerkat crashtest --pg-url URL``): each
+trial gets a fresh, empty schema of that database (``<schema_prefix><index>``, the child's URL
+selecting it with ``options=-csearch_path=...``; the store creates its tables there), dropped
+once the trial passed; a failing trial's schema is kept, like its directory, and named in its
+violations (``Violation.schema``).
+
 Children are started either as fresh interpreters (``launcher="spawn"``: exactly
 ``python -m meerkat_runtime.crashtest child ...``) or, about fifty times faster, forked by a
 *zygote* (``launcher="fork"``): a single-threaded helper process that imported the package
@@ -105,6 +124,7 @@ import asyncio
 import atexit
 import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -127,7 +147,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from . import _crash, _ids
 from ._crash import POINTS as CRASH_POINTS
@@ -163,8 +184,12 @@ from .runtime.inputs import (
 )
 from .runtime.outcomes import Deduplicated, Rejected, outcome_of
 from .runtime.policy import PolicyRow, PolicyTable, default_policy_table
-from .store.base import RunRecord, SessionRecord
+from .store import open_store, redact_url
+from .store.base import RunRecord, SessionRecord, StoreError
 from .store.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    import psycopg
 
 __all__ = [
     "CRASH_POINTS",
@@ -176,11 +201,14 @@ __all__ = [
     "ChildSpec",
     "CommsAck",
     "CrashtestReport",
+    "DbReader",
     "DbView",
     "InputSpec",
     "Launcher",
     "PointStats",
+    "PostgresReader",
     "SessionSpec",
+    "SqliteReader",
     "ToolExecution",
     "TrialResult",
     "Violation",
@@ -188,20 +216,25 @@ __all__ = [
     "answer_envelope",
     "check_comms",
     "check_invariants",
+    "check_pg",
     "child_main",
     "comms_situation",
     "crash_policy",
     "crash_rebuilders",
     "crash_tools",
+    "create_pg_schema",
+    "drop_pg_schema",
     "envelope_for",
     "idempotency_key",
     "input_for",
+    "pg_schema_url",
     "read_acks",
     "read_comms_acks",
     "read_db",
     "read_outcomes",
     "read_reports",
     "read_tool_log",
+    "reader_for",
     "run_child",
     "run_crashtest",
     "terminal_snapshot",
@@ -284,6 +317,11 @@ class ChildSpec:
     ``derived_policy``: projected inputs wake the runtime (``wake``) or wait in the queue for
     a run something else starts (``hold``). ``tool_log``: the side-effect log of the child's
     tools (``read_tool_log``), shared by every process of a trial.
+
+    ``store``: the URL of the store the child opens (any URL ``open_store`` accepts, e.g.
+    ``postgresql://.../db?options=-csearch_path%3Dschema``); empty for the SQLite file ``db``.
+    ``db`` names the trial's directory in any case: the logs (and the ``spawn`` launcher's
+    spec file) live next to it; ``store_url`` is what the child opens and the parent reads.
     """
 
     db: str
@@ -303,6 +341,7 @@ class ChildSpec:
     accept_gap: float = 0.0
     tool_log: str = ""  # the side-effect log; "" = ``tools.jsonl`` next to the database
     comms_log: str = ""  # the comms ack log; "" = ``comms.jsonl`` next to the database
+    store: str = ""  # the store URL; "" = the SQLite file ``db``
 
     @classmethod
     def in_dir(cls, directory: Path, sessions: list[SessionSpec], **options: Any) -> ChildSpec:
@@ -318,6 +357,12 @@ class ChildSpec:
             sessions=sessions,
             **options,
         )
+
+    @property
+    def store_url(self) -> str:
+        """The store the child opens and the parent reads (``read_db(spec.store_url)``):
+        ``store``, else ``sqlite:///`` + the absolute path of ``db``."""
+        return self.store or f"sqlite:///{Path(self.db).absolute()}"
 
     @property
     def tool_log_path(self) -> Path:
@@ -690,7 +735,7 @@ async def _child(spec: ChildSpec) -> int:
 
     def runtime(owner_id: str | None, recover_on_open: bool) -> Runtime:
         rt = Runtime(
-            SqliteStore(spec.db),
+            open_store(spec.store_url),
             policy=crash_policy(spec.derived_policy),
             config=config,
             rebuilders=crash_rebuilders(),
@@ -1177,6 +1222,11 @@ def _zygote_main() -> int:
     ``{"exited": pid, "code": returncode}`` (-9: SIGKILL). At end of input it kills the
     children still running, reaps them and exits.
     """
+    # what the children's stores need, imported once here rather than in every child (no
+    # connection is made before the fork: each child connects on its own)
+    importlib.import_module("meerkat_runtime.store.sqlite")
+    with contextlib.suppress(ImportError):
+        importlib.import_module("meerkat_runtime.store.postgres")
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
@@ -1482,8 +1532,9 @@ class StoredInboxEntry:
 
 @dataclass(slots=True)
 class DbView:
-    """What the store holds, read with a read-only connection (never through the runtime,
-    so a bug in the runtime's reads cannot hide one in its writes)."""
+    """What the store holds, read with a read-only connection by a ``DbReader`` (never
+    through the runtime or the store under test, so a bug in their reads cannot hide one in
+    their writes); the same values whatever the store (see ``_build_view``)."""
 
     inputs: dict[str, StoredInput] = field(default_factory=dict)
     rows: list[StoredRow] = field(default_factory=list)
@@ -1544,89 +1595,321 @@ def _connect_query_only(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def read_db(path: Path | str) -> DbView:
-    """Everything the checks need from the database at ``path`` (empty if it does not exist
-    yet, or was killed before its schema was created)."""
-    p = Path(path)
-    view = DbView()
-    if not p.exists():
-        return view
-    try:
-        return _read_db(_connect_ro(p), view)
-    except sqlite3.OperationalError as exc:
-        if "readonly" not in str(exc) and "read-only" not in str(exc):
-            raise
-    return _read_db(_connect_query_only(p), DbView())
+class DbReader(Protocol):
+    """Reads a store's tables into a ``DbView``: read-only, in one snapshot, never through the
+    runtime or the store under test (a bug in their reads must not hide one in their writes).
+
+    Invariant: every reader fills the view with the same values for the same stored data
+    (``_build_view`` does it for all of them), so the checks are the same on every store; and
+    ``read`` returns an empty view only when there are no tables to read yet (a child killed
+    before the store created its schema), never to hide a failed read."""
+
+    def read(self) -> DbView: ...
 
 
-def _read_db(conn: sqlite3.Connection, view: DbView) -> DbView:
-    try:
-        conn.execute("BEGIN")  # one snapshot
+_SqliteRows = list[tuple[Any, ...]]
+
+
+class SqliteReader:
+    """The SQLite file ``path``: a ``mode=ro`` connection (``query_only`` when a killed writer
+    left a WAL index that only a connection that may write can rebuild), one read
+    transaction. A missing file reads as an empty view."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"SqliteReader({str(self.path)!r})"
+
+    def read(self) -> DbView:
+        if not self.path.exists():
+            return DbView()
         try:
-            inputs = conn.execute(
-                "SELECT runtime_id, input_id, current_state, is_terminal, last_run_id, state_json"
-                " FROM input_states ORDER BY runtime_id, input_id"
-            ).fetchall()
+            return self._read(_connect_ro(self.path))
         except sqlite3.OperationalError as exc:
-            if "no such table" in str(exc):
-                return view
-            raise
-        for rid, iid, cur, term, last, js in inputs:
-            view.inputs[iid] = StoredInput(rid, iid, cur, bool(term), last, js)
-        for rid, idx, run_id, ids, message, digest in conn.execute(
-            "SELECT runtime_id, idx, run_id, input_ids, message, digest FROM conversation_rows"
-            " ORDER BY runtime_id, idx"
-        ).fetchall():
-            view.rows.append(
-                StoredRow(rid, int(idx), run_id, list(json.loads(ids)), json.loads(message), digest)
-            )
-        for run_id, rid, status, result_json, error, cont in conn.execute(
-            "SELECT run_id, runtime_id, status, result_json, error, is_continuation FROM runs"
-        ).fetchall():
-            view.runs[run_id] = RunRecord(
-                RunId(run_id),
-                rid,
-                status,
-                RunResult.from_json(result_json) if result_json is not None else None,
-                error,
-                bool(cont),
-            )
-        view.events = [
-            json.loads(js)
-            for (js,) in conn.execute(
-                "SELECT event_json FROM events ORDER BY runtime_id, seq"
-            ).fetchall()
-        ]
-        for seq, rid, js in conn.execute(
-            "SELECT seq, runtime_id, input_json FROM inbox ORDER BY seq"
-        ).fetchall():
-            view.inbox.append(StoredInboxEntry(int(seq), rid, js))
-        for sid, config in conn.execute("SELECT session_id, config FROM sessions").fetchall():
-            name = json.loads(config).get("comms_name")
-            if isinstance(name, str) and name:
-                view.comms_names[sid] = name
-        try:
-            requests = conn.execute(
-                "SELECT requester_runtime_id, request_id, responder_runtime_id, envelope_id,"
-                " created_at, status, closed_at, closed_by FROM peer_requests"
-            ).fetchall()
-        except sqlite3.OperationalError as exc:  # a database from before schema 3
-            if "no such table" not in str(exc):
+            if "readonly" not in str(exc) and "read-only" not in str(exc):
                 raise
-            requests = []
-        for req, rid, resp, env, created, status, closed, closed_by in requests:
-            view.peer_requests[(req, rid)] = StoredPeerRequest(
-                req, rid, resp, env, int(created), status, closed, closed_by
+        return self._read(_connect_query_only(self.path))
+
+    @staticmethod
+    def _read(conn: sqlite3.Connection) -> DbView:
+        try:
+            conn.execute("BEGIN")  # one snapshot
+            try:
+                inputs = conn.execute(_SELECT_INPUTS).fetchall()
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):
+                    return DbView()
+                raise
+            rows = [
+                (rid, idx, run_id, json.loads(ids), message, digest)
+                for rid, idx, run_id, ids, message, digest in conn.execute(_SELECT_ROWS).fetchall()
+            ]
+            runs = conn.execute(_SELECT_RUNS).fetchall()
+            events = conn.execute(_SELECT_EVENTS).fetchall()
+            inbox = conn.execute(_SELECT_INBOX).fetchall()
+            sessions = [(sid, json.loads(c)) for sid, c in conn.execute(_SELECT_SESSIONS)]
+            try:
+                requests: _SqliteRows = conn.execute(_SELECT_PEER_REQUESTS).fetchall()
+            except sqlite3.OperationalError as exc:  # a database from before schema 3
+                if "no such table" not in str(exc):
+                    raise
+                requests = []
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        # times are stored as microseconds since the epoch already
+        return _build_view(inputs, rows, runs, events, inbox, sessions, requests)
+
+
+class PostgresReader:
+    """The PostgreSQL database of ``url``, in the schema its ``search_path`` selects (the
+    store's tables live in the connection's current schema): one psycopg connection, one
+    ``REPEATABLE READ READ ONLY`` transaction (one snapshot), rolled back. A schema without
+    the store's tables reads as an empty view; a URL whose ``search_path`` names no existing
+    schema raises ``StoreError`` (it would read as empty too). What PostgreSQL types
+    differently from SQLite is converted to SQLite's values: ``text[]`` input ids are lists
+    already, ``jsonb`` session configs dicts already, ``timestamptz`` times become
+    microseconds since the epoch.
+
+    A killed child's last transactions are decided by the server: one whose ``COMMIT`` was
+    sent may land just after a read made right after the kill (never one the child was told
+    had committed: a crash point after a commit passes once it returned, one before a commit
+    before it was submitted; but another session's commit, or one in flight at a ``random``
+    kill, may). Such a snapshot holds fewer terminal states, so (d) checks less at that kill;
+    it never reports a violation that is not one."""
+
+    def __init__(self, url: str, *, connect_timeout: float = 10.0) -> None:
+        self.url = url
+        self.connect_timeout = connect_timeout
+
+    def __repr__(self) -> str:
+        return f"PostgresReader({redact_url(self.url)!r})"
+
+    def read(self) -> DbView:
+        import psycopg
+
+        with psycopg.connect(
+            _libpq_url(self.url), connect_timeout=max(1, int(self.connect_timeout))
+        ) as conn:
+            conn.read_only = True
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            try:
+                return self._read(conn)
+            finally:
+                conn.rollback()
+
+    def _read(self, conn: psycopg.Connection[tuple[Any, ...]]) -> DbView:
+        schema = conn.execute("SELECT current_schema()").fetchone()
+        if schema is None or schema[0] is None:
+            raise StoreError(
+                f"store {redact_url(self.url)}: no schema of its search_path exists, nothing "
+                "to read"
             )
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
+        found = conn.execute(
+            "SELECT to_regclass('input_states') IS NOT NULL,"
+            " to_regclass('peer_requests') IS NOT NULL"
+        ).fetchone()
+        if found is None or not found[0]:
+            return DbView()
+        inputs = conn.execute(_SELECT_INPUTS).fetchall()
+        rows = conn.execute(_SELECT_ROWS).fetchall()
+        runs = conn.execute(_SELECT_RUNS).fetchall()
+        events = conn.execute(_SELECT_EVENTS).fetchall()
+        inbox = conn.execute(_SELECT_INBOX).fetchall()
+        sessions = conn.execute(_SELECT_SESSIONS).fetchall()
+        requests = [
+            (req, rid, resp, env, _us(created), status, None if closed is None else _us(closed), by)
+            for req, rid, resp, env, created, status, closed, by in (
+                conn.execute(_SELECT_PEER_REQUESTS).fetchall() if found[1] else []
+            )
+        ]
+        return _build_view(inputs, rows, runs, events, inbox, sessions, requests)
+
+
+# the same statements on every store: ids sort bytewise on both (SQLite's BINARY collation,
+# PostgreSQL's COLLATE "C" columns)
+_SELECT_INPUTS = (
+    "SELECT runtime_id, input_id, current_state, is_terminal, last_run_id, state_json"
+    " FROM input_states ORDER BY runtime_id, input_id"
+)
+_SELECT_ROWS = (
+    "SELECT runtime_id, idx, run_id, input_ids, message, digest FROM conversation_rows"
+    " ORDER BY runtime_id, idx"
+)
+_SELECT_RUNS = (
+    "SELECT run_id, runtime_id, status, result_json, error, is_continuation FROM runs"
+    " ORDER BY run_id"
+)
+_SELECT_EVENTS = "SELECT event_json FROM events ORDER BY runtime_id, seq"
+_SELECT_INBOX = "SELECT seq, runtime_id, input_json FROM inbox ORDER BY seq"
+_SELECT_SESSIONS = "SELECT session_id, config FROM sessions ORDER BY session_id"
+_SELECT_PEER_REQUESTS = (
+    "SELECT requester_runtime_id, request_id, responder_runtime_id, envelope_id,"
+    " created_at, status, closed_at, closed_by FROM peer_requests"
+    " ORDER BY requester_runtime_id, request_id"
+)
+
+
+def _build_view(
+    inputs: Iterable[Sequence[Any]],
+    rows: Iterable[Sequence[Any]],
+    runs: Iterable[Sequence[Any]],
+    events: Iterable[Sequence[Any]],
+    inbox: Iterable[Sequence[Any]],
+    sessions: Iterable[Sequence[Any]],
+    requests: Iterable[Sequence[Any]],
+) -> DbView:
+    """The view of the rows a reader selected (``_SELECT_*``, in that column order), with
+    conversation input ids as lists, session configs as dicts and peer request times as
+    microseconds since the epoch (each reader converts its database's types to these)."""
+    view = DbView()
+    for rid, iid, cur, term, last, js in inputs:
+        view.inputs[iid] = StoredInput(rid, iid, cur, bool(term), last, js)
+    for rid, idx, run_id, ids, message, digest in rows:
+        view.rows.append(
+            StoredRow(rid, int(idx), run_id, [str(i) for i in ids], json.loads(message), digest)
+        )
+    for run_id, rid, status, result_json, error, cont in runs:
+        view.runs[run_id] = RunRecord(
+            RunId(run_id),
+            rid,
+            status,
+            RunResult.from_json(result_json) if result_json is not None else None,
+            error,
+            bool(cont),
+        )
+    view.events = [json.loads(js) for (js,) in events]
+    for seq, rid, js in inbox:
+        view.inbox.append(StoredInboxEntry(int(seq), rid, js))
+    for sid, config in sessions:
+        name = config.get("comms_name") if isinstance(config, dict) else None
+        if isinstance(name, str) and name:
+            view.comms_names[sid] = name
+    for req, rid, resp, env, created, status, closed, closed_by in requests:
+        view.peer_requests[(req, rid)] = StoredPeerRequest(
+            req, rid, resp, env, int(created), status, closed, closed_by
+        )
     return view
 
 
-def terminal_snapshot(path: Path | str) -> dict[str, str]:
-    """input id -> stored state JSON of every terminal input (read-only)."""
-    return read_db(path).terminal_states()
+def _is_pg_url(location: str) -> bool:
+    scheme, sep, _ = location.partition("://")
+    scheme = scheme.lower()
+    return bool(sep) and (scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"))
+
+
+def reader_for(location: Path | str) -> DbReader:
+    """The reader of a store location: a ``postgresql://`` URL (also ``postgres://`` and
+    ``postgresql+psycopg://``) reads PostgreSQL; a ``sqlite:///`` URL (as ``open_store``
+    parses it) or a file path reads SQLite. Raises ``ValueError`` for a store no other
+    process can read (``memory://``) or a URL ``open_store`` does not accept."""
+    if isinstance(location, Path) or "://" not in location:
+        return SqliteReader(location)
+    if _is_pg_url(location):
+        return PostgresReader(location)
+    try:
+        store = open_store(location)  # parses the URL; opens nothing
+    except StoreError as exc:
+        raise ValueError(str(exc)) from exc
+    if isinstance(store, SqliteStore):
+        return SqliteReader(store.path)
+    raise ValueError(
+        f"the crash kit cannot read {redact_url(location)!r} from another process; use a "
+        "sqlite:/// or postgresql:// store"
+    )
+
+
+def read_db(location: Path | str) -> DbView:
+    """Everything the checks need from the store at ``location`` (a SQLite file path, a
+    ``sqlite:///`` or a ``postgresql://`` URL, e.g. ``spec.store_url``; see ``reader_for``),
+    read-only, in one snapshot; empty if it does not exist yet, or its child was killed
+    before the schema was created."""
+    return reader_for(location).read()
+
+
+def terminal_snapshot(location: Path | str) -> dict[str, str]:
+    """input id -> stored state JSON of every terminal input (read-only, see ``read_db``)."""
+    return read_db(location).terminal_states()
+
+
+# ============================================================================ PostgreSQL
+
+
+def _libpq_url(url: str) -> str:
+    """What libpq understands: a ``postgresql+driver://`` URL (SQLAlchemy style) loses its
+    driver."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.lower().startswith("postgresql+"):
+        return f"postgresql://{rest}"
+    return url
+
+
+def pg_schema_url(url: str, schema: str) -> str:
+    """``url`` whose connections use ``schema`` (and only it): libpq's
+    ``options=-csearch_path=<schema>``, appended to any ``options`` the URL has (the last
+    setting wins)."""
+    parts = urlsplit(url)
+    option = f"-csearch_path={schema}"
+    query: list[tuple[str, str]] = []
+    added = False
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "options" and not added:
+            value, added = f"{value} {option}".strip(), True
+        query.append((key, value))
+    if not added:
+        query.append(("options", option))
+    return urlunsplit(parts._replace(query=urlencode(query, quote_via=quote)))
+
+
+def _pg_error(url: str, what: str, exc: Exception) -> StoreError:
+    text = (str(exc) or type(exc).__name__).strip().splitlines()[0]
+    return StoreError(f"store {redact_url(url)}: {what}: {text}")
+
+
+def check_pg(url: str) -> None:
+    """Raise ``StoreError`` (naming the server, password redacted) unless ``url`` is a
+    PostgreSQL URL whose database answers."""
+    import psycopg
+
+    if not _is_pg_url(url):
+        raise StoreError(f"{redact_url(url)!r} is not a postgresql:// URL")
+    try:
+        with psycopg.connect(_libpq_url(url), autocommit=True, connect_timeout=10) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        raise _pg_error(url, "cannot connect", exc) from exc
+
+
+def create_pg_schema(url: str, schema: str) -> str:
+    """Create the empty schema ``schema`` in the database of ``url`` and return the URL
+    selecting it (``pg_schema_url``), where a store creates its tables when it is first
+    opened. Raises ``StoreError`` if it cannot (e.g. the schema exists)."""
+    import psycopg
+    from psycopg import sql
+
+    try:
+        with psycopg.connect(_libpq_url(url), autocommit=True, connect_timeout=10) as conn:
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    except psycopg.Error as exc:
+        raise _pg_error(url, f"cannot create schema {schema}", exc) from exc
+    return pg_schema_url(url, schema)
+
+
+def drop_pg_schema(url: str, schema: str, *, lock_timeout: float = 30.0) -> str | None:
+    """Drop ``schema`` and everything in it from the database of ``url`` (nothing if it does
+    not exist). None when done, else why not (it is left as it was then): waits at most
+    ``lock_timeout`` seconds for a connection still using its tables."""
+    import psycopg
+    from psycopg import sql
+
+    try:
+        with psycopg.connect(_libpq_url(url), autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f"SET lock_timeout = {max(1, int(lock_timeout * 1000))}")
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+    except psycopg.Error as exc:
+        return str(_pg_error(url, f"cannot drop schema {schema}", exc))
+    return None
 
 
 # ================================================================================ checks
@@ -2320,7 +2603,8 @@ def _plan(index: int, point: str, seed: int, trial_dir: Path, comms: float = 0.0
 class TrialResult:
     """One trial: its kill point, what ``MEERKAT_CRASH_AT`` said, whether the child died of
     SIGKILL at that point (``killed``), how many SIGKILLs the trial delivered in all (a
-    setup kill included), and the violations found."""
+    setup kill included), and the violations found. ``schema``: on PostgreSQL, the trial's
+    schema (its data; its files are in ``directory``)."""
 
     index: int
     point: str
@@ -2331,15 +2615,20 @@ class TrialResult:
     elapsed: float
     directory: str
     notes: list[str] = field(default_factory=list)
+    schema: str = ""
 
 
 @dataclass(slots=True)
 class Violation:
+    """One violation of one trial; its files are kept in ``directory`` and, on PostgreSQL,
+    its data in ``schema`` (empty on SQLite: the database is a file in ``directory``)."""
+
     trial: int
     point: str
     crash_at: str
     message: str
     directory: str
+    schema: str = ""
 
 
 class _Clock:
@@ -2355,12 +2644,26 @@ class _Clock:
             self.value = 0.8 * self.value + 0.2 * min(seconds, 5.0)
 
 
-def _run_trial(plan: _Plan, launcher: Launcher, clock: _Clock, timeout: float) -> TrialResult:
+def _run_trial(
+    plan: _Plan,
+    launcher: Launcher,
+    clock: _Clock,
+    timeout: float,
+    pg_url: str | None = None,
+    schema_prefix: str = "",
+) -> TrialResult:
+    """Run one trial; with ``pg_url``, first create its schema ``<schema_prefix><index>``
+    there and point the spec's store at it (named in the result, dropped by the caller)."""
     started = time.monotonic()
+    schema = ""
     try:
-        return _trial(plan, launcher, clock, timeout, started)
+        if pg_url is not None:
+            name = f"{schema_prefix}{plan.index:05d}"
+            plan.spec.store = create_pg_schema(pg_url, name)
+            schema = name
+        result = _trial(plan, launcher, clock, timeout, started)
     except Exception:  # a fault of the kit itself: reported, never swallowed
-        return TrialResult(
+        result = TrialResult(
             index=plan.index,
             point=plan.point,
             crash_at="",
@@ -2370,6 +2673,8 @@ def _run_trial(plan: _Plan, launcher: Launcher, clock: _Clock, timeout: float) -
             elapsed=time.monotonic() - started,
             directory=str(Path(plan.spec.db).parent),
         )
+    result.schema = schema
+    return result
 
 
 def _trial(
@@ -2421,7 +2726,7 @@ def _trial(
                 f"child armed with {label} exited with code {run.returncode}; log:\n"
                 f"{run.log_tail()}"
             )
-        view = read_db(spec.db)
+        view = read_db(spec.store_url)
         snapshots.append(view.terminal_states())
         if spec.uses_comms and run.sigkilled:
             notes.extend(comms_situation(view))
@@ -2433,7 +2738,7 @@ def _trial(
         what = f"hung for {timeout:.0f}s" if final.hung else f"exited with {final.returncode}"
         violations.append(f"(c) the restarted child {what}; log:\n{final.log_tail()}")
     acks = read_acks(spec.ack_log)
-    db = read_db(spec.db)
+    db = read_db(spec.store_url)
     comms = read_comms_acks(spec.comms_log_path) if spec.uses_comms else None
     violations.extend(
         check_invariants(
@@ -2544,7 +2849,11 @@ class CrashtestReport:
     """The outcome of ``run_crashtest``: per-point statistics, every violation (with the
     directory where its trial's files were kept), the SIGKILLs delivered in all (setup and
     chained kills included) and notes on what happened that is not a violation (takeovers,
-    points not reached, ephemeral inputs lost before any commit, rejected accepts)."""
+    points not reached, ephemeral inputs lost before any commit, rejected accepts).
+
+    ``store``: ``sqlite``, or the PostgreSQL URL the trials ran in (password redacted), where
+    trial ``i``'s schema was ``schema_prefix`` + ``i`` (five digits); ``schemas_kept``: the
+    schemas left in that database (failing trials', every one with ``keep``)."""
 
     seed: int
     trials: int
@@ -2555,6 +2864,9 @@ class CrashtestReport:
     points: dict[str, PointStats]
     violations: list[Violation]
     notes: Counter[str] = field(default_factory=Counter)  # what happened, not violations
+    store: str = "sqlite"
+    schema_prefix: str = ""
+    schemas_kept: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -2574,6 +2886,9 @@ class CrashtestReport:
             "elapsed_seconds": round(self.elapsed, 2),
             "workdir": self.workdir,
             "launcher": self.launcher,
+            "store": self.store,
+            "schema_prefix": self.schema_prefix,
+            "schemas_kept": list(self.schemas_kept),
             "points": [asdict(p) for p in self.points.values()],
             "violations": [asdict(v) for v in self.violations],
             "notes": dict(self.notes),
@@ -2595,6 +2910,7 @@ def run_crashtest(
     timeout: float = 60.0,
     keep: bool = False,
     comms: float = 0.3,
+    pg_url: str | None = None,
 ) -> CrashtestReport:
     """Run ``kills`` trials (see the module docstring), ``jobs`` at a time, cycling through
     ``points`` (default: every crash point and ``random``). Each trial works in its own
@@ -2605,6 +2921,12 @@ def run_crashtest(
     ``comms``: the share of trials that run the comms workload (``_comms_workload``: two
     sessions with comms names exchanging requests, responses and messages) instead of the
     plain one; the others are the same for a seed whatever it is.
+
+    ``pg_url``: run every trial on PostgreSQL instead of SQLite, each in a fresh schema of
+    that database (``report.schema_prefix`` + the trial's index), dropped when the trial
+    passed (unless ``keep``); a failing trial's schema is kept and named in its violations
+    and ``report.schemas_kept``. Raises ``StoreError`` before any trial if the database does
+    not answer.
 
     Deterministic for a seed, except where timing decides (``random`` kills, the interleaving
     of concurrent runs).
@@ -2617,6 +2939,10 @@ def run_crashtest(
         raise ValueError("kills must not be negative")
     if not 0.0 <= comms <= 1.0:
         raise ValueError("comms must be a share between 0 and 1")
+    schema_prefix = ""
+    if pg_url is not None:
+        check_pg(pg_url)
+        schema_prefix = f"meerkat_crash_{str(seed).replace('-', 'm')}_{uuid.uuid4().hex[:8]}_"
     own_dir = workdir is None
     root = Path(tempfile.mkdtemp(prefix="meerkat-crashtest-")) if workdir is None else workdir
     root.mkdir(parents=True, exist_ok=True)
@@ -2624,6 +2950,8 @@ def run_crashtest(
     clock = _Clock(0.4 if launcher == "fork" else 1.2)
     stats = {p: PointStats(p) for p in chosen}
     report = CrashtestReport(seed, kills, 0, 0.0, str(root), launcher, stats, [])
+    if pg_url is not None:
+        report.store, report.schema_prefix = redact_url(pg_url), schema_prefix
     started = time.monotonic()
     plans = [
         _plan(i, chosen[i % len(chosen)], seed, root / f"trial-{i:05d}", comms)
@@ -2637,7 +2965,9 @@ def run_crashtest(
         def submit_next() -> None:
             plan = next(queue, None)
             if plan is not None:
-                pending.add(pool.submit(_run_trial, plan, launcher, clock, timeout))
+                pending.add(
+                    pool.submit(_run_trial, plan, launcher, clock, timeout, pg_url, schema_prefix)
+                )
 
         for _ in range(jobs):
             submit_next()
@@ -2659,14 +2989,30 @@ def run_crashtest(
                 for message in result.violations:
                     report.violations.append(
                         Violation(
-                            result.index, result.point, result.crash_at, message, result.directory
+                            result.index,
+                            result.point,
+                            result.crash_at,
+                            message,
+                            result.directory,
+                            result.schema,
                         )
                     )
                 if not result.violations and not keep:
                     shutil.rmtree(result.directory, ignore_errors=True)
+                    problem = (
+                        drop_pg_schema(pg_url, result.schema)
+                        if pg_url is not None and result.schema
+                        else None
+                    )
+                    if problem is not None:
+                        report.schemas_kept.append(result.schema)
+                        report.notes[problem] += 1
+                elif result.schema:
+                    report.schemas_kept.append(result.schema)
                 if progress is not None:
                     progress(done, kills, result)
     report.violations.sort(key=lambda v: v.trial)
+    report.schemas_kept.sort()
     report.elapsed = time.monotonic() - started
     if own_dir and report.ok and not keep:
         shutil.rmtree(root, ignore_errors=True)

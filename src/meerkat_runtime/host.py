@@ -237,6 +237,8 @@ class Runtime:
         # the lease is valid until at least that + lease_ttl on any sane clock
         self._lease_sent: dict[str, float] = {}
         self._adopting: set[str] = set()
+        # session -> lease expiry (UNIX time) of a live owner elsewhere, seen on a notice
+        self._owned_elsewhere: dict[str, float] = {}
         self._draining = False
         self.recovery_reports: dict[str, dict[str, int]] = {}
         self._sessions: dict[str, SessionInfo] = {}
@@ -880,7 +882,9 @@ class Runtime:
             rid = notice.runtime_id
             if notice.topic == "change":
                 self._wake(rid)
-            elif notice.topic == "inbox":
+            elif notice.topic in ("inbox", "released"):
+                if notice.topic == "released":
+                    self._owned_elsewhere.pop(rid, None)
                 rt = self._runtimes.get(rid)
                 if rt is not None:
                     self._spawn(self._ingest(rt))
@@ -894,13 +898,22 @@ class Runtime:
                     self._spawn(self._adopt_orphans())
 
     async def _adopt_later(self, session_id: str) -> None:
+        """Try to take over a session whose inbox got an input, unless it has a live owner.
+        A live owner's lease expiry is remembered, so a busy session owned elsewhere costs
+        one read per lease period here, not one per input."""
+        if self._owned_elsewhere.get(session_id, 0.0) > time.time():
+            return
         load = len(self._runtimes) / (self.max_sessions or 100)
         await asyncio.sleep(random.uniform(0.0, 0.01) + 0.05 * min(load, 1.0))
         if session_id in self._runtimes or not self._adopts() or self._at_capacity():
             return
         owner, expiry, _ = await self.store.lease_owner(session_id)
         if owner is not None and expiry is not None and expiry > time.time():
-            return  # someone runs it (its inbox notice reached that owner too)
+            # someone runs it (its inbox notice reached that owner too)
+            if len(self._owned_elsewhere) > 100_000:
+                self._owned_elsewhere.clear()
+            self._owned_elsewhere[session_id] = expiry
+            return
         await self._adopt(session_id)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -1269,10 +1282,7 @@ class Runtime:
         rt = await self._owned(session_id)
         if rt is not None:
             return rt.last_seq
-        last = 0
-        async for env in self.events(session_id, 0):
-            last = env.seq
-        return last
+        return await self.store.last_event_seq(session_id)
 
     async def events(
         self, session_id: str, after_seq: int = 0, *, follow: bool = False

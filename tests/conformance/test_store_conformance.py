@@ -673,8 +673,10 @@ async def test_stopped_is_never_stored(store: Store) -> None:
 async def test_events_after_seq_first_seq_and_growth(store: Store) -> None:
     rid = "rt-ev"
     assert await store.first_event_seq(rid) is None
+    assert await store.last_event_seq(rid) == 0
     assert await store.load_events(rid) == []
     await store.submit(mk_txn(rid, 0, events=[mk_event(rid, i) for i in range(1, 11)]))
+    assert await store.last_event_seq(rid) == 10
     assert [e.seq for e in await store.load_events(rid, after_seq=3, limit=4)] == [4, 5, 6, 7]
     assert [e.seq for e in await store.load_events(rid, after_seq=10)] == []
     assert await store.first_event_seq(rid) == 1
@@ -686,6 +688,7 @@ async def test_events_after_seq_first_seq_and_growth(store: Store) -> None:
     assert await store.first_event_seq(rid) == 8
     assert [e.seq for e in await store.load_events(rid)] == [8, 9, 10]
     assert (await store.load_runtime(rid)).last_seq == 10  # kept across pruning
+    assert await store.last_event_seq(rid) == 10
 
 
 async def test_s18_prune_deletes_only_terminal_old_data_in_batches(store: Store) -> None:

@@ -136,3 +136,18 @@ async def test_stores_in_other_schemas_are_not_woken(pg_url: str) -> None:
         await a.close()
         await b.close()
         pg.drop_schema(other_schema)
+
+
+async def test_a_drained_worker_hands_its_sessions_over_at_once(pg_url: str) -> None:
+    """A lease released at shutdown is announced: another worker takes the session without
+    waiting for the lease (30 s here) or a scan."""
+    async with _client(pg_url) as client, _worker(pg_url) as stays:
+        leaving = _worker(pg_url)
+        await leaving.start()
+        sid = (await leaving.create_session()).id
+        assert leaving.owned_sessions() == [sid]
+        # input accepted while the owner drains: it waits in the inbox for the next owner
+        await leaving.close(grace=0.0)
+        outcome = await (await client.turn(sid, "after the drain")).wait(20)
+        assert isinstance(outcome, CompletedWait)
+        assert stays.owned_sessions() == [sid]

@@ -1,11 +1,12 @@
 """LISTEN/NOTIFY for the PostgreSQL store: wake-ups without polling (issue 7).
 
-Two channels per store (``channels_for``: suffixed for a schema other than ``public``), each
-notification's payload a runtime id:
+Three channels per store (``channels_for``: suffixed for a schema other than ``public``),
+each notification's payload a runtime id:
 
-- ``meerkat_inbox``: an input was pushed to the runtime's durable inbox, or its lease was
-  released (a drained worker). The owner ingests it at once; with no live owner, a worker
-  takes the session over.
+- ``meerkat_inbox``: an input was pushed to the runtime's durable inbox. The owner ingests it
+  at once; with no live owner, a worker takes the session over.
+- ``meerkat_released``: the runtime's lease was released (a drained worker): a worker may
+  take it over now.
 - ``meerkat_changes``: a transaction of the runtime committed (states, runs, events). Waiters
   and event followers in other processes re-read the store.
 
@@ -44,6 +45,7 @@ class Channels:
 
     inbox: str
     changes: str
+    released: str
 
 
 def channels_for(schema: str) -> Channels:
@@ -51,9 +53,9 @@ def channels_for(schema: str) -> Channels:
     stores in the same database: notifications are database-wide) add a short digest of the
     schema name, so stores side by side never wake each other."""
     if schema == "public":
-        return Channels("meerkat_inbox", "meerkat_changes")
+        return Channels("meerkat_inbox", "meerkat_changes", "meerkat_released")
     tag = hashlib.sha1(schema.encode()).hexdigest()[:10]
-    return Channels(f"meerkat_inbox_{tag}", f"meerkat_changes_{tag}")
+    return Channels(f"meerkat_inbox_{tag}", f"meerkat_changes_{tag}", f"meerkat_released_{tag}")
 
 
 async def listen(
@@ -66,7 +68,11 @@ async def listen(
     stops iterating): ``resync`` after each (re)connection, then ``inbox`` / ``change``
     notices in delivery order. A lost connection is reconnected with backoff (capped at 5 s);
     the failure is logged once per outage, naming the store."""
-    topics = {channels.inbox: "inbox", channels.changes: "change"}
+    topics = {
+        channels.inbox: "inbox",
+        channels.changes: "change",
+        channels.released: "released",
+    }
     backoff = 0.1
     failing = False
     while is_open():

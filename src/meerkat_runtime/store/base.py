@@ -164,7 +164,8 @@ class PeerRequestClose:
 @dataclass(slots=True, frozen=True)
 class StoreNotice:
     """A hint from a store that notifies (``NotifyingStore``): ``inbox`` (an input reached
-    ``runtime_id``'s inbox, or its lease was released: it may need an owner), ``change`` (a
+    ``runtime_id``'s inbox: its owner takes it in; with none, it needs one), ``released``
+    (its lease was released: it may need an owner), ``change`` (a
     transaction of ``runtime_id`` committed) or ``resync`` (notices may have been missed:
     re-read everything; ``runtime_id`` is empty)."""
 
@@ -305,6 +306,11 @@ class RuntimeStore(Protocol):
 
     async def first_event_seq(self, runtime_id: str) -> int | None:
         """The oldest stored seq of the runtime (for ``events_gap``), or None if none."""
+        ...
+
+    async def last_event_seq(self, runtime_id: str) -> int:
+        """The newest stored seq of the runtime (0 if none): one indexed read, whatever the
+        number of stored events."""
         ...
 
     async def change_token(self) -> int:

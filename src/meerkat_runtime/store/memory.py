@@ -425,6 +425,11 @@ class MemoryStore:
         out = [e for e in self.events.get(runtime_id, []) if e.seq > after_seq][: max(limit, 0)]
         return [e.model_copy(deep=True) for e in out]
 
+    async def last_event_seq(self, runtime_id: str) -> int:
+        self._fault("last_event_seq")
+        evs = self.events.get(runtime_id)
+        return evs[-1].seq if evs else 0
+
     async def first_event_seq(self, runtime_id: str) -> int | None:
         self._fault("first_event_seq")
         evs = self.events.get(runtime_id)

@@ -1135,6 +1135,16 @@ class PostgresStore:
 
         return await self._read(run)
 
+    async def last_event_seq(self, runtime_id: str) -> int:
+        async def run(conn: Conn) -> int:
+            cur = await conn.execute(
+                "SELECT last_event_seq FROM runtimes WHERE runtime_id = %s", (runtime_id,)
+            )
+            row = await cur.fetchone()
+            return int(row[0]) if row is not None else 0
+
+        return await self._read(run)
+
     async def first_event_seq(self, runtime_id: str) -> int | None:
         async def run(conn: Conn) -> int | None:
             cur = await conn.execute(
@@ -1190,7 +1200,7 @@ class PostgresStore:
                 (runtime_id, owner, generation),
             )
             if cur.rowcount == 1:  # a drained session: a worker may take it over now
-                await conn.execute("SELECT pg_notify(%s, %s)", (self.channels.inbox, runtime_id))
+                await conn.execute("SELECT pg_notify(%s, %s)", (self.channels.released, runtime_id))
 
         await self._write(run, locks=(runtime_id,))
 

@@ -1367,6 +1367,15 @@ class SqliteStore:
 
         return await self._read(run)
 
+    async def last_event_seq(self, runtime_id: str) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT last_event_seq FROM runtimes WHERE runtime_id = ?", (runtime_id,)
+            ).fetchone()
+            return int(row[0]) if row is not None else 0
+
+        return await self._read(run)
+
     async def first_event_seq(self, runtime_id: str) -> int | None:
         def run(conn: sqlite3.Connection) -> int | None:
             row = conn.execute(
