@@ -44,8 +44,10 @@ __all__ = [
     "EXIT_TIMEOUT",
     "EXIT_USAGE",
     "JsonOpt",
+    "OwnSessionsOpt",
     "Spinner",
     "StoreOpt",
+    "check_own_sessions",
     "err",
     "execute",
     "exit_code_for",
@@ -78,8 +80,9 @@ StoreOpt = Annotated[
     typer.Option(
         "--store",
         metavar="URL",
-        help="Store URL (sqlite:///path.db, a path ending in .db, or memory://); default: "
-        "SQLite under $MEERKAT_STATE_DIR or ~/.local/share/meerkat.",
+        help="Store URL (sqlite:///path.db, a path ending in .db, "
+        "postgresql://user:password@host:5432/dbname, or memory://); default: SQLite under "
+        "$MEERKAT_STATE_DIR or ~/.local/share/meerkat.",
         show_default=False,
     ),
 ]
@@ -87,6 +90,16 @@ JsonOpt = Annotated[
     bool,
     typer.Option("--json", help="Print JSON (the shapes the REST and RPC servers answer)."),
 ]
+OwnSessionsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--own-sessions/--no-own-sessions",
+        help="Run sessions in this process (default). --no-own-sessions: take no session's "
+        "lease; every turn goes to the session's durable inbox and a worker (`meerkat "
+        "worker`) sharing the store runs it (see docs/cli.md).",
+    ),
+]
+
 
 # SurfaceError codes -> exit codes (a rejection, whatever its code, exits 3)
 _EXIT_CODES: dict[str, int] = {
@@ -117,6 +130,21 @@ def fail(message: str, code: int) -> typer.Exit:
     """Print the one error line; return the ``Exit`` to raise."""
     err.print(f"[bold red]error:[/] {_one_line(message)}", highlight=False)
     return typer.Exit(code)
+
+
+def check_own_sessions(store: str | None, own_sessions: bool) -> None:
+    """A server that owns no session needs a store its workers share: refuse ``memory://``
+    (nothing outside this process could run its sessions, so every turn would wait forever)."""
+    if own_sessions or store is None:
+        return
+    scheme, sep, _ = store.strip().partition("://")
+    if sep and scheme.lower() == "memory":
+        raise fail(
+            "--no-own-sessions needs a store that worker processes share (a SQLite file or "
+            "postgresql://user@host/dbname); memory:// lives inside this process, so no worker "
+            "could run its sessions",
+            EXIT_USAGE,
+        )
 
 
 def _one_line(message: str) -> str:

@@ -26,8 +26,10 @@ Commands::
     meerkat runtime recover SESSION
     meerkat runtime cancel SESSION
     meerkat events SESSION [--follow] [--after SEQ]
-    meerkat serve [--host H] [--port N] [--token T]
-    meerkat rpc
+    meerkat db status [--store URL]
+    meerkat db migrate [--store URL]
+    meerkat serve [--host H] [--port N] [--token T] [--no-own-sessions]
+    meerkat rpc [--no-own-sessions]
     meerkat crashtest [--kills N] [--seed N] [--point P ...] [--jobs N] [--workdir DIR] ...
     meerkat version
 
@@ -40,8 +42,9 @@ Exit codes scripts can rely on:
 
 ==== ==========================================================================================
 0    success
-1    the run did not complete (failed, abandoned, cancelled, superseded, terminated), or the
-     command failed otherwise (store error, a question answered no)
+1    the run did not complete (failed, abandoned, cancelled, superseded, terminated), the
+     schema has migrations pending (``db status``), or the command failed otherwise (store
+     error, a schema newer than this build, a question answered no)
 2    usage error or bad input (unknown option, malformed id or label, an operation the
      session's state or owner does not allow)
 3    the input was rejected (invalid, too large, queue full, idempotency key conflict, ...)
@@ -68,7 +71,9 @@ from ._cli_common import (
     EXIT_RUN_FAILED,
     EXIT_USAGE,
     JsonOpt,
+    OwnSessionsOpt,
     StoreOpt,
+    check_own_sessions,
     err,
     execute,
     fail,
@@ -78,9 +83,11 @@ from ._cli_common import (
     write_line,
 )
 from ._cli_comms import peers
+from ._cli_db import db_app
 from ._cli_inputs import inputs_app, send, turn_and_wait, wait
 from ._cli_runtime import events, runtime_app
 from ._cli_sessions import load_script, sessions_app
+from ._cli_worker import worker
 from .store.base import StoreError
 
 __all__ = ["app", "main"]
@@ -163,7 +170,7 @@ async def _run(
     return code
 
 
-# listed in this order by `meerkat --help` (then the groups: sessions, inputs, runtime)
+# listed in this order by `meerkat --help` (then the groups: sessions, inputs, runtime, db)
 app.command()(send)
 app.command()(peers)
 app.command()(wait)
@@ -171,6 +178,8 @@ app.command()(events)
 app.add_typer(sessions_app)
 app.add_typer(inputs_app)
 app.add_typer(runtime_app)
+app.add_typer(db_app)
+app.command()(worker)
 
 
 @app.command()
@@ -197,16 +206,26 @@ def serve(
         ),
     ] = None,
     store: StoreOpt = None,
+    own_sessions: OwnSessionsOpt = True,
 ) -> None:
     """Serve the REST API over HTTP until Ctrl-C.
 
     Sessions, turns, inputs, runtime control and SSE events, on the same store as the
-    other commands."""
+    other commands. With --no-own-sessions the server runs no session: workers sharing the
+    store do."""
     from .surfaces.rest import ServeConfigError
     from .surfaces.rest import serve as rest_serve
 
+    check_own_sessions(store, own_sessions)
     try:
-        rest_serve(host=host, port=port, store=store, token=token, webhook_secret=webhook_secret)
+        rest_serve(
+            host=host,
+            port=port,
+            store=store,
+            token=token,
+            webhook_secret=webhook_secret,
+            owns_sessions=own_sessions,
+        )
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except ServeConfigError as exc:  # e.g. a public address without a token
@@ -217,14 +236,16 @@ def serve(
 
 
 @app.command()
-def rpc(store: StoreOpt = None) -> None:
+def rpc(store: StoreOpt = None, own_sessions: OwnSessionsOpt = True) -> None:
     """Serve JSON-RPC 2.0 on stdin/stdout, as rkat-rpc does.
 
-    Newline-delimited requests and answers, until stdin closes."""
+    Newline-delimited requests and answers, until stdin closes. With --no-own-sessions the
+    server runs no session: workers sharing the store do."""
     from .surfaces.rpc import serve_stdio
 
+    check_own_sessions(store, own_sessions)
     try:
-        asyncio.run(serve_stdio(store=store))
+        asyncio.run(serve_stdio(store=store, owns_sessions=own_sessions))
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except (ValueError, StoreError) as exc:
@@ -268,15 +289,29 @@ def crashtest(
             "preloaded zygote (slower, same checks).",
         ),
     ] = False,
-    keep: Annotated[bool, typer.Option("--keep", help="Keep passing trials' files too.")] = False,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep passing trials' files (and schemas) too.")
+    ] = False,
+    pg_url: Annotated[
+        str | None,
+        typer.Option(
+            "--pg-url",
+            metavar="URL",
+            help="Run the trials on PostgreSQL instead of SQLite (postgresql://user@host/db): "
+            "each trial in a fresh schema of that database, dropped when it passed; a failing "
+            "trial's schema is kept and named.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Crash-test the runtime: SIGKILL real processes at each crash point.
 
     Kills a child with SIGKILL at each crash point (and at random instants), restarts it,
     and checks in the database that no acknowledged durable input was lost, nothing was
-    applied twice, every waiter resolved and no terminal state changed. Exit code 0 when no
-    trial found a violation, 1 otherwise."""
+    applied twice, every waiter resolved and no terminal state changed. SQLite by default;
+    --pg-url runs the same trials on PostgreSQL. Exit code 0 when no trial found a
+    violation, 1 otherwise."""
     import secrets
 
     from rich.progress import (
@@ -326,16 +361,20 @@ def crashtest(
                 jobs=jobs,
                 launcher="spawn" if spawn else "fork",
                 keep=keep,
+                pg_url=pg_url,
             )
     except KeyboardInterrupt:
         raise fail("interrupted", EXIT_INTERRUPTED) from None
+    except StoreError as exc:  # --pg-url: the database does not answer; no trial ran
+        raise fail(str(exc), EXIT_RUN_FAILED) from None
     if as_json:
         print_json(report.to_json_dict())
         raise typer.Exit(EXIT_OK if report.ok else EXIT_RUN_FAILED)
     table = Table(
         title="meerkat crashtest",
         caption=f"seed {report.seed} · {report.sigkills} SIGKILLs in all · "
-        f"{report.elapsed:.0f} s · {'zygote' if report.launcher == 'fork' else 'spawn'}",
+        f"{report.elapsed:.0f} s · {'zygote' if report.launcher == 'fork' else 'spawn'} · "
+        f"{report.store}",
     )
     table.add_column("kill point")
     for name in ("runs", "killed", "violations"):
@@ -353,13 +392,20 @@ def crashtest(
     )
     out.print(table)
     for v in report.violations[:20]:
+        schema = f"; schema {v.schema} kept" if v.schema else ""
         out.print(
-            f"[red]trial {v.trial}[/] ({v.crash_at}; files in {v.directory}): {v.message}",
+            f"trial {v.trial} ({v.crash_at}; files in {v.directory}{schema}): {v.message}",
             highlight=False,
             markup=False,
         )
     if len(report.violations) > 20:
         out.print(f"... and {len(report.violations) - 20} more violations")
+    if report.schemas_kept:
+        out.print(
+            f"schemas kept in {report.store}: {', '.join(report.schemas_kept)}",
+            highlight=False,
+            markup=False,
+        )
     if report.ok:
         out.print("[green]no violations[/]")
     raise typer.Exit(EXIT_OK if report.ok else EXIT_RUN_FAILED)

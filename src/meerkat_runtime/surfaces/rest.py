@@ -353,6 +353,13 @@ async def _loaded(rt: Runtime, session_id: str) -> SessionRuntime:
     """The session's runtime in this process, loading (and recovering) it on first use."""
     await rt.get_session(session_id)
     live = await rt.load(session_id)
+    if live is None and not rt.owns_sessions:
+        raise SurfaceError(
+            "conflict",
+            f"this server does not run sessions (started with --no-own-sessions): session "
+            f"{session_id} is run by a worker process; use a server that owns sessions for "
+            "this operation",
+        )
     if live is None:
         raise SurfaceError(
             "conflict",
@@ -492,9 +499,16 @@ def create_app(
     token: str | None = None,
     webhook_secret: str | None = None,
     webhook_secrets: SecretSource | None = None,
+    owns_sessions: bool = True,
 ) -> FastAPI:
     """The REST app. With ``runtime`` the app uses it (and leaves closing it to the caller);
-    otherwise it opens ``Runtime.open(store)`` at startup and closes it at shutdown (S19).
+    otherwise it opens ``Runtime.open(store, owns_sessions=owns_sessions)`` at startup and
+    closes it at shutdown (S19). ``owns_sessions=False``: the app's Runtime never takes a
+    session's lease, so every accepted input goes to the session's durable inbox and a worker
+    process runs it; waits and long polls follow the input through the store, and operations
+    that need the session's owner (runtime state and control, interrupt, input listing,
+    cancel and ack) answer 409 ``conflict``.
+    ``owns_sessions`` is ignored when ``runtime`` is given (the caller chose its Runtime).
     With ``token``, every endpoint but ``/health`` and the webhooks needs ``Authorization:
     Bearer <token>``. Webhooks (docs/webhooks.md) check their signature with the session's
     secret from ``webhook_secrets`` (a mapping from session id, or a function of it that
@@ -510,7 +524,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if state.owns_runtime:
-            rt = Runtime.open(store)
+            rt = Runtime.open(store, owns_sessions=owns_sessions)
             await rt.start()
             state.runtime = rt
         else:
@@ -1196,12 +1210,14 @@ def serve(
     token: str | None = None,
     webhook_secret: str | None = None,
     webhook_secrets: SecretSource | None = None,
+    owns_sessions: bool = True,
 ) -> None:
     """Serve the REST API until SIGINT/SIGTERM (blocking). ``token`` defaults to
     ``$MEERKAT_API_TOKEN``; a host beyond loopback needs one (``ServeConfigError``).
     ``webhook_secret`` (the secret of every session's webhooks) defaults to
     ``$MEERKAT_WEBHOOK_SECRET``; ``webhook_secrets`` gives sessions their own (see
-    ``create_app``)."""
+    ``create_app``). ``owns_sessions=False``: the server runs no session (see
+    ``create_app``); workers sharing its store run them."""
     if token is None:
         token = os.environ.get("MEERKAT_API_TOKEN")
     token = token or None
@@ -1219,6 +1235,7 @@ def serve(
         token=token,
         webhook_secret=webhook_secret,
         webhook_secrets=webhook_secrets,
+        owns_sessions=owns_sessions,
     )
     # the per-request access log is opt-in (MEERKAT_ACCESS_LOG=1): it is ~7 % of a request
     access_log = os.environ.get("MEERKAT_ACCESS_LOG", "") not in ("", "0", "false", "no")

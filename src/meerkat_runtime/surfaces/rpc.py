@@ -127,12 +127,18 @@ async def serve(
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
     term_grace: float = DEFAULT_TERM_GRACE,
     stop: asyncio.Event | None = None,
+    owns_sessions: bool = True,
 ) -> None:
     """Serve one client reading ``chunks`` and answering through ``writer`` until end of
     input or ``stop`` is set. At end of input, in-flight requests and active runs get
     ``shutdown_grace`` seconds in all; once ``stop`` is set, active runs get ``term_grace``
-    seconds, then stop (S8; they recover at the next start)."""
-    rt = Runtime.open(store)
+    seconds, then stop (S8; they recover at the next start). ``owns_sessions=False``: the
+    server's Runtime never takes a session's lease; turns go to the session's durable inbox
+    and a worker process sharing the store runs them (``turn/start`` and ``input/wait``
+    follow them through the store); methods that need the session's owner (``runtime/*``,
+    ``input/list``, ``input/cancel``, ``turn/interrupt``, ``session/inject_context``) answer
+    error -32002."""
+    rt = Runtime.open(store, owns_sessions=owns_sessions)
     config = ConfigDocument.load(_config_path(rt))
     server = RpcServer(rt, writer, config, default_offline_script=offline_script, max_line=max_line)
     stop = stop or asyncio.Event()
@@ -184,10 +190,12 @@ async def serve_stdio(
     max_line: int | None = None,
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
     term_grace: float = DEFAULT_TERM_GRACE,
+    owns_sessions: bool = True,
 ) -> None:
     """Serve JSON-RPC on this process's stdin/stdout until end of input, SIGTERM or SIGINT.
 
     ``store``: a store URL (``None``: SQLite under ``$MEERKAT_STATE_DIR``).
+    ``owns_sessions``: see ``serve``.
     ``offline_script``: the default script of new offline sessions (default: from
     ``MEERKAT_OFFLINE_SCRIPT``). ``max_line``: the request line limit in bytes (default:
     ``MEERKAT_RPC_MAX_LINE_BYTES`` or 8 MiB).
@@ -217,6 +225,7 @@ async def serve_stdio(
             shutdown_grace=shutdown_grace,
             term_grace=term_grace,
             stop=stop,
+            owns_sessions=owns_sessions,
         )
     finally:
         for sig in installed:
