@@ -27,13 +27,11 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import re
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import unquote
 
 import typer
 
@@ -48,7 +46,7 @@ from ._cli_common import (
     write_line,
 )
 from .errors import MeerkatRuntimeError
-from .store import open_store, redact_url
+from .store import open_store, redact_url, scrub
 from .store.base import StoreError
 from .store.memory import MemoryStore
 from .store.sqlite import SqliteStore, load_migrations
@@ -296,33 +294,6 @@ def _sqlite_version(path: Path, known: int) -> int:
             f"meerkat-runtime knows (up to {known}); upgrade meerkat-runtime to open it"
         )
     return current
-
-
-# ------------------------------------------------------------------ password scrubbing
-
-_USERINFO_PASSWORD = re.compile(r"^[A-Za-z][\w+.-]*:/*[^:/@?#]*:([^@/?#]*)@")
-_QUERY_PASSWORD = re.compile(r"(?i)[?&]password=([^&#\s]*)")
-
-
-def _passwords(url: str | None) -> list[str]:
-    """The password(s) in ``url`` as written and percent-decoded, longest first."""
-    if not url:
-        return []
-    found: set[str] = set()
-    for m in (_USERINFO_PASSWORD.match(url.strip()), *_QUERY_PASSWORD.finditer(url)):
-        if m is not None and m.group(1):
-            found.update({m.group(1), unquote(m.group(1))})
-    found.discard("")
-    return sorted(found, key=len, reverse=True)
-
-
-def scrub(message: str, url: str | None) -> str:
-    """``message`` with every URL in it redacted and every occurrence of ``url``'s password
-    replaced by ``***`` (messages of drivers may quote parts of the URL)."""
-    text = redact_url(message)
-    for secret in _passwords(url):
-        text = text.replace(secret, "***")
-    return text
 
 
 @contextlib.contextmanager

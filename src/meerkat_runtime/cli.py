@@ -30,11 +30,13 @@ Commands::
     meerkat db migrate [--store URL]
     meerkat serve [--host H] [--port N] [--token T] [--no-own-sessions]
     meerkat rpc [--no-own-sessions]
+    meerkat worker [--max-sessions N] [--lease-ttl S] [--grace S] [--tools MODULE:ATTR] ...
     meerkat crashtest [--kills N] [--seed N] [--point P ...] [--jobs N] [--workdir DIR] ...
     meerkat version
 
 Every command but ``crashtest`` takes ``--store URL`` (default: SQLite under
-``$MEERKAT_STATE_DIR`` or ``~/.local/share/meerkat``); every command but ``serve`` and
+``$MEERKAT_STATE_DIR`` or ``~/.local/share/meerkat``; ``postgresql://user@host/db`` for a
+store shared by many machines, docs/deployment.md); every command but ``serve`` and
 ``rpc`` takes ``--json`` (the shapes the REST and RPC servers answer). Results go to stdout;
 progress, notes and errors to stderr, an error as one line ``error: ...``.
 

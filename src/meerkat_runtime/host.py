@@ -638,6 +638,11 @@ class Runtime:
             rt = await self._owned(session_id)
             if rt is not None and rt.state not in (RuntimeState.RETIRED, RuntimeState.DESTROYED):
                 counts = await rt.retire(False)
+            elif rt is None and await self._pending_in_store(session_id):
+                # its pending inputs must end {retired} first, which only its owner can do
+                raise InvalidOperationError(
+                    f"{self.not_owned_message(session_id)} (archiving retires its pending inputs)"
+                )
             record.archived = True
             record.updated_at = utcnow()
             await self.store.save_session(record)
@@ -645,6 +650,12 @@ class Runtime:
             if info is not None:
                 info.archived = True
         return counts
+
+    async def _pending_in_store(self, session_id: str) -> bool:
+        """Whether the store holds pending inputs or inbox entries of the session."""
+        if await self.store.load_input_states(session_id, include_terminal=False, limit=1):
+            return True
+        return bool(await self.store.inbox_entries(session_id, limit=1))
 
     def sessions(self) -> list[SessionInfo]:
         """Sessions this process has touched (see ``list_sessions`` for the store's)."""
@@ -1183,11 +1194,26 @@ class Runtime:
     async def _require(self, session_id: str) -> SessionRuntime:
         rt = await self._owned(session_id)
         if rt is None:
-            raise InvalidOperationError(
-                f"session {session_id} is owned by another process; run this operation there "
-                "(or wait until its lease expires)"
-            )
+            raise InvalidOperationError(self.not_owned_message(session_id))
         return rt
+
+    def not_owned_message(self, session_id: str) -> str:
+        """Why an operation that needs the session's owner cannot run in this process."""
+        if not self.owns_sessions:
+            return (
+                f"session {session_id}: this process runs no sessions (it does not own "
+                "sessions, e.g. a server started with --no-own-sessions); the worker that runs "
+                "it does this operation: send it to a process that owns sessions"
+            )
+        if self._at_capacity():
+            return (
+                f"session {session_id}: this process already runs its maximum of "
+                f"{self.max_sessions} sessions; another worker runs (or will run) this one"
+            )
+        return (
+            f"session {session_id} is owned by another process; run this operation there "
+            "(or wait until its lease expires)"
+        )
 
     async def cancel_input(self, session_id: str, input_id: InputId | str) -> InputState:
         iid = input_id if isinstance(input_id, InputId) else InputId(input_id)

@@ -184,3 +184,24 @@ def test_open_store_serves_postgres_urls() -> None:
         store = open_store(url)
         assert isinstance(store, PostgresStore)
         assert "pw" not in store.url
+
+
+async def test_errors_never_show_the_password() -> None:
+    """libpq quotes parts of a malformed URL in its messages; the store's errors must not."""
+    import pytest
+
+    from meerkat_runtime.store import open_store
+    from meerkat_runtime.store.base import StoreError
+
+    for url in (
+        "postgresql://meerkat:s3cr%ZZet@127.0.0.1:1/db",  # a bad percent-escape
+        "postgresql://meerkat:s3cret@127.0.0.1:1/db",  # connection refused
+    ):
+        store = open_store(url)
+        with pytest.raises(StoreError) as info:
+            await store.open()
+        assert "s3cr" not in str(info.value), str(info.value)
+        assert "127.0.0.1" in str(info.value)
+    with pytest.raises(StoreError) as bad:
+        open_store("postgresql:/meerkat:s3cret@host/db")
+    assert "s3cret" not in str(bad.value)

@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from meerkat_runtime._cli_db import scrub
+from meerkat_runtime.store import scrub
 from meerkat_runtime.store.postgres import PostgresStore, load_pg_migrations
 from meerkat_runtime.store.sqlite import load_migrations
 from tests.postgres import support as pg

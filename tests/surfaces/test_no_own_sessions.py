@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from meerkat_runtime import Runtime
+from meerkat_runtime import PromptInput, Runtime
 from meerkat_runtime.surfaces import rest, rpc
 from meerkat_runtime.surfaces._rpc_protocol import MessageWriter
 
@@ -90,7 +90,10 @@ async def test_rest_turns_go_to_the_inbox_and_a_worker_runs_them(tmp_path: Path)
         assert_conflict(await c.post(f"/runtime/{sid}/reset"), sid)
         assert_conflict(await c.post(f"/input/{sid}/{iid}/cancel"), sid)
         assert_conflict(await c.post(f"/sessions/{sid}/interrupt"), sid)
+        # archiving must retire the pending input, which only its owner can do
+        assert "retires its pending" in assert_conflict(await c.delete(f"/sessions/{sid}"), sid)
         assert await in_inbox(server, sid, iid)  # none of them changed anything
+        assert not (await server.store.load_session(sid)).archived  # type: ignore[union-attr]
 
         async with worker(url, sid) as w:
             done = await c.get(f"/input/{sid}/{iid}/wait", params={"timeout": 15})
@@ -208,6 +211,15 @@ async def test_rpc_turns_go_to_the_inbox_and_a_worker_runs_them(tmp_path: Path) 
             for method in ("runtime/retire", "runtime/reset", "turn/interrupt", "input/list"):
                 error = await client.error(method, {"session_id": sid})
                 assert error["code"] == SESSION_BUSY and sid in error["message"], (method, error)
+                assert "runs no sessions" in error["message"], error
+
+            # runtime/accept needs no owner here: the input joins the inbox (S10)
+            accepted = await client.call(
+                "runtime/accept",
+                {"session_id": sid, "input": PromptInput.new("via accept").to_json_dict()},
+            )
+            assert accepted["outcome_type"] == "accepted", accepted
+            assert len(await observer.store.inbox_entries(sid)) == 2
 
             async with worker(url, sid):
                 answer = await asyncio.wait_for(turn, 15)

@@ -22,13 +22,14 @@ import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import unquote
 
 from .base import StoreError
 
 if TYPE_CHECKING:
     from .base import RuntimeStore
 
-__all__ = ["default_state_path", "open_store", "redact_url"]
+__all__ = ["default_state_path", "open_store", "redact_url", "scrub"]
 
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
@@ -80,7 +81,35 @@ def open_store(url: str | None) -> RuntimeStore:
         )
     if text.lower().endswith(_SQLITE_SUFFIXES):
         return SqliteStore(Path(text).expanduser())
-    raise StoreError(f"store URL {url!r} is not understood; use one of: {_ACCEPTED_FORMS}")
+    raise StoreError(
+        f"store URL {scrub(url, url)!r} is not understood; use one of: {_ACCEPTED_FORMS}"
+    )
+
+
+_USERINFO_PASSWORD = re.compile(r"^[A-Za-z][\w+.-]*:/*[^:/@?#]*:([^@/?#]*)@")
+_QUERY_PASSWORD = re.compile(r"(?i)[?&]password=([^&#\s]*)")
+
+
+def _passwords(url: str | None) -> list[str]:
+    """The password(s) in ``url`` as written and percent-decoded, longest first."""
+    if not url:
+        return []
+    found: set[str] = set()
+    for m in (_USERINFO_PASSWORD.match(url.strip()), *_QUERY_PASSWORD.finditer(url)):
+        if m is not None and m.group(1):
+            found.update({m.group(1), unquote(m.group(1))})
+    found.discard("")
+    return sorted(found, key=len, reverse=True)
+
+
+def scrub(message: str, url: str | None) -> str:
+    """``message`` with every URL in it redacted and every occurrence of ``url``'s password
+    replaced by ``***``: drivers' messages may quote parts of the URL (a malformed
+    percent-escape, a bad host), so no store message ever shows a password."""
+    text = redact_url(message)
+    for secret in _passwords(url):
+        text = text.replace(secret, "***")
+    return text
 
 
 def redact_url(url: str) -> str:

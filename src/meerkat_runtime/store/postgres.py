@@ -94,6 +94,7 @@ from ..runtime.events import RuntimeEventEnvelope
 from ..runtime.input_state import CoalescingSource, InputState
 from ..runtime.state import RuntimeState
 from . import redact_url as redact
+from . import scrub
 from ._pg_listen import Channels, channels_for, listen
 from ._pg_rows import (
     PEER_COLS,
@@ -617,7 +618,7 @@ class PostgresStore:
         if isinstance(exc, Refused):
             cls = FencedError if exc.fenced else StoreError
             return cls(f"store {self.url}: {exc}")
-        err = StoreError(f"store {self.url}: {_describe(exc)}")
+        err = StoreError(f"store {self.url}: {scrub(_describe(exc), self._dsn)}")
         err.__cause__ = exc
         return err
 
@@ -830,7 +831,9 @@ class PostgresStore:
                 if lost.committing
                 else "the transaction was rolled back with its batch; nothing of it was written"
             )
-            err = StoreError(f"store {self.url}: {_describe(lost.cause)} ({what})")
+            err = StoreError(
+                f"store {self.url}: {scrub(_describe(lost.cause), self._dsn)} ({what})"
+            )
             err.__cause__ = lost.cause
             self._poison(batch)
             return [(j, None, failed.get(id(j), err)) for j in batch]

@@ -488,12 +488,7 @@ class RpcServer:
         """The session's runtime, loaded (and recovered) in this process."""
         srt = await self.rt.load(sid)
         if srt is None:
-            raise SurfaceError(
-                "conflict",
-                f"session {sid} is run by another process; use that process (or wait until "
-                "its lease expires)",
-                session_id=sid,
-            )
+            raise SurfaceError("conflict", self.rt.not_owned_message(sid), session_id=sid)
         return srt
 
     # -------------------------------------------------------------- handshake
@@ -639,8 +634,8 @@ class RpcServer:
         text = _text(params, "text")
         source = _opt_text(params, "source")
         key = _opt_text(params, "idempotency_key")
-        srt = await self._loaded(sid)
-        idle = srt.state is RuntimeState.IDLE and srt.active_run_id is None
+        srt = await self.rt.load(sid)  # None: a worker runs it; the input goes to its inbox
+        idle = srt is None or (srt.state is RuntimeState.IDLE and srt.active_run_id is None)
         await self.events.ensure_forwarder(sid)
         header: dict[str, Any] = {}
         if key:
@@ -722,7 +717,8 @@ class RpcServer:
         return out
 
     async def runtime_accept(self, params: dict[str, Any]) -> dict[str, Any]:
-        sid, _ = await self._runtime(params)
+        sid = await self._session(params)  # owned elsewhere: accepted into its inbox (S10)
+        await self.events.ensure_forwarder(sid)
         raw = params.get("input")
         if not isinstance(raw, dict):
             got = "nothing" if raw is None else type(raw).__name__

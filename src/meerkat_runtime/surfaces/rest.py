@@ -353,19 +353,8 @@ async def _loaded(rt: Runtime, session_id: str) -> SessionRuntime:
     """The session's runtime in this process, loading (and recovering) it on first use."""
     await rt.get_session(session_id)
     live = await rt.load(session_id)
-    if live is None and not rt.owns_sessions:
-        raise SurfaceError(
-            "conflict",
-            f"this server does not run sessions (started with --no-own-sessions): session "
-            f"{session_id} is run by a worker process; use a server that owns sessions for "
-            "this operation",
-        )
     if live is None:
-        raise SurfaceError(
-            "conflict",
-            f"session {session_id} is owned by another process; run this operation there "
-            "(or wait until its lease expires)",
-        )
+        raise SurfaceError("conflict", rt.not_owned_message(session_id), session_id=session_id)
     return live
 
 

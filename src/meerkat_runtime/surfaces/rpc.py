@@ -243,8 +243,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--store",
         metavar="URL",
-        help="store URL: sqlite:///path.db, a path ending in .db, or memory:// "
-        "(default: SQLite under $MEERKAT_STATE_DIR)",
+        help="store URL: sqlite:///path.db, a path ending in .db, "
+        "postgresql://user@host/db, or memory:// (default: SQLite under $MEERKAT_STATE_DIR)",
     )
     p.add_argument(
         "--state-root", metavar="DIR", help="state directory (instead of $MEERKAT_STATE_DIR)"
