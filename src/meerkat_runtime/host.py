@@ -237,6 +237,7 @@ class Runtime:
         # the lease is valid until at least that + lease_ttl on any sane clock
         self._lease_sent: dict[str, float] = {}
         self._adopting: set[str] = set()
+        self._acquiring: set[str] = set()  # sessions whose lease is being acquired
         # session -> lease expiry (UNIX time) of a live owner elsewhere, seen on a notice
         self._owned_elsewhere: dict[str, float] = {}
         self._draining = False
@@ -324,6 +325,13 @@ class Runtime:
             self._check_open()
             await self.store.open()
             self._started = True
+            loop = asyncio.get_running_loop()
+            # leases are renewed from the first acquisition on: recovering many sessions may
+            # take longer than a lease, and recovered sessions run at once
+            if self.owns_sessions:
+                self._keeper = loop.create_task(self._keep_leases(), name="meerkat-lease-keeper")
+            if self._notifying:
+                self._listener = loop.create_task(self._listen(), name="meerkat-store-listener")
             if self.recover_on_open:
                 # sessions recover concurrently (their commits share group commits); one
                 # broken session must not block the rest
@@ -338,12 +346,7 @@ class Runtime:
 
                 pending = await self.store.runtimes_with_pending_inputs()
                 await asyncio.gather(*(_recover(sid) for sid in pending))
-            loop = asyncio.get_running_loop()
             self._maintainer = loop.create_task(self._maintain(), name="meerkat-runtime-maintainer")
-            if self.owns_sessions:
-                self._keeper = loop.create_task(self._keep_leases(), name="meerkat-lease-keeper")
-            if self._notifying:
-                self._listener = loop.create_task(self._listen(), name="meerkat-store-listener")
 
     async def close(self, grace: float | None = None) -> None:
         """S19: stop accepting, give active runs ``grace`` seconds (default from config),
@@ -353,20 +356,17 @@ class Runtime:
             return
         self._closed = True
         self._draining = True
-        for task in (self._maintainer, self._listener, *self._tasks):
-            if task is not None:
-                task.cancel()
-        for task in (self._maintainer, self._listener, *self._tasks):
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        background = [t for t in (self._maintainer, self._listener, *self._tasks) if t is not None]
+        for task in background:
+            task.cancel()
+        # gather, not suppress(CancelledError): a cancellation of close()'s caller propagates
+        await asyncio.gather(*background, return_exceptions=True)
         # the lease keeper runs on while active runs finish their grace period: a drain
         # longer than the lease must not let another process take the sessions mid-run
         await asyncio.gather(*(rt.close(grace) for rt in self._runtimes.values()))
         if self._keeper is not None:
             self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._keeper
+            await asyncio.gather(self._keeper, return_exceptions=True)
         if self._started:
 
             async def _release(sid: str, rt: SessionRuntime) -> None:
@@ -708,27 +708,40 @@ class Runtime:
                 return None  # its inbox takes the input; another process runs it
             executor = self._executor_for(record)
             sent = time.monotonic()
-            generation = await self.store.acquire_lease(session_id, self.owner_id, self.lease_ttl)
-            if generation is None:
-                return None
-            self._lease_sent[session_id] = sent
-            rt = SessionRuntime(
-                session_id,
-                self.store,
-                executor,
-                policy=self.policy,
-                config=self.config,
-                rebuilders=self.rebuilders,
-            )
-            rt.generation = generation
-            rt.peer_correlation = bool(record.config.get("comms_name"))  # S20 checks
-            loaded = await self.store.load_runtime(session_id)
-            loaded.generation = generation
-            self._runtimes[session_id] = rt
-            self._ownership("acquired", session_id, generation, "")
-            self.recovery_reports[session_id] = await rt.recover(loaded)
-            await self._ingest(rt)
-            return rt
+            self._acquiring.add(session_id)
+            try:
+                generation = await self.store.acquire_lease(
+                    session_id, self.owner_id, self.lease_ttl
+                )
+                if generation is None:
+                    return None
+                self._lease_sent[session_id] = sent
+                return await self._take(session_id, record, executor, generation)
+            finally:
+                self._acquiring.discard(session_id)
+
+    async def _take(
+        self, session_id: str, record: SessionRecord, executor: CoreExecutor, generation: int
+    ) -> SessionRuntime:
+        """Recover the session under its new lease (S7) and make it this process's."""
+        rt = SessionRuntime(
+            session_id,
+            self.store,
+            executor,
+            policy=self.policy,
+            config=self.config,
+            rebuilders=self.rebuilders,
+        )
+        rt.generation = generation
+        rt.peer_correlation = bool(record.config.get("comms_name"))  # S20 checks
+        loaded = await self.store.load_runtime(session_id)
+        loaded.generation = generation
+        self._runtimes[session_id] = rt
+        self._acquiring.discard(session_id)
+        self._ownership("acquired", session_id, generation, "")
+        self.recovery_reports[session_id] = await rt.recover(loaded)
+        await self._ingest(rt)
+        return rt
 
     async def _ingest(self, rt: SessionRuntime) -> None:
         """Admit the inbox entries other processes wrote (S10), one pass at a time per
@@ -757,8 +770,13 @@ class Runtime:
                     await self._adopt_orphans()
                 for sid, rt in list(self._runtimes.items()):
                     if rt.failure is not None:
-                        self._runtimes.pop(sid, None)  # its next use recovers from the store
+                        # stopped on a store failure: its next use recovers from the store
+                        self._runtimes.pop(sid, None)
                         self._lease_sent.pop(sid, None)
+                        log.warning("stopped session %s: %s", sid, rt.failure)
+                        self._ownership(
+                            "lost", sid, rt.generation, f"store write failed: {rt.failure}"
+                        )
                 now = time.monotonic()
                 if now - last_prune >= self.config.prune_interval:
                     last_prune = now
@@ -809,26 +827,30 @@ class Runtime:
                 round_task.cancel()
 
     async def _renew_round(self) -> None:
-        async def _renew(sid: str, rt: SessionRuntime) -> None:
-            sent = time.monotonic()
-            try:
-                ok = await asyncio.wait_for(
-                    self.store.renew_lease(sid, self.owner_id, rt.generation, self.lease_ttl),
-                    self.lease_ttl / 3,
-                )
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("renewing the lease of session %s failed: %s", sid, exc or "timeout")
-                return
+        """Renew every held lease in one store call. No timeout: a late answer still proves
+        each lease valid until its send time + ``lease_ttl`` (the deadline check stops a
+        session whose answer does not come in time), and a renewal the store performed must
+        not be ignored."""
+        held = dict(self._runtimes)
+        if not held:
+            return
+        sent = time.monotonic()
+        try:
+            renewed = await self.store.renew_leases(
+                self.owner_id, {sid: rt.generation for sid, rt in held.items()}, self.lease_ttl
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("renewing %d lease(s) failed: %s", len(held), exc)
+            return
+        for sid, rt in held.items():
             if self._runtimes.get(sid) is not rt:
-                return
-            if ok:
-                self._lease_sent[sid] = sent
+                continue  # lost or replaced meanwhile
+            if sid in renewed:
+                self._lease_sent[sid] = max(self._lease_sent.get(sid, 0.0), sent)
             else:
                 self._lose(sid, "lease lost: another process owns this session now")
-
-        await asyncio.gather(*(_renew(sid, rt) for sid, rt in list(self._runtimes.items())))
 
     def _lose(self, session_id: str, reason: str) -> None:
         """Stop the session here (S8, nothing abandoned) because its lease is gone or may be
@@ -839,6 +861,9 @@ class Runtime:
             return
         if rt.failure is None:
             rt.failure = FencedError(f"session {session_id}: {reason}")
+        # nothing this instance submits from now on may reach the store (its lease may be
+        # gone): the stop below, and whatever its run still tries to commit
+        self.store.abandon_generation(session_id, rt.generation)
         rt.stop(reason)
         log.warning("stopped session %s: %s", session_id, reason)
         self._ownership("lost", session_id, rt.generation, reason)
@@ -856,17 +881,25 @@ class Runtime:
         return self.owns_sessions and self.recover_on_open and not self._draining
 
     def _at_capacity(self) -> bool:
-        return self.max_sessions is not None and len(self._runtimes) >= self.max_sessions
+        """Held leases plus acquisitions in progress (a slot is reserved before the first
+        await of an acquisition, so concurrent ones never exceed the bound)."""
+        held = len(self._runtimes) + len(self._acquiring)
+        return self.max_sessions is not None and held >= self.max_sessions
 
     async def _adopt_orphans(self) -> None:
         """Take over sessions with pending work whose owner's lease expired (the owner died)
         or was released (a drained worker), up to ``max_sessions``: without this, such a
         session would wait for something to touch it (e.g. a peer request in its inbox)."""
-        for sid in await self.store.runtimes_needing_owner():
-            if self._at_capacity() or not self._adopts():
-                return
-            if sid not in self._runtimes:
-                await self._adopt(sid)
+        sids = [s for s in await self.store.runtimes_needing_owner() if s not in self._runtimes]
+        random.shuffle(sids)  # processes scanning at once do not all race for the same one
+        gate = asyncio.Semaphore(8)  # a dead worker's sessions are taken over concurrently
+
+        async def _one(sid: str) -> None:
+            async with gate:
+                if not self._at_capacity() and self._adopts():
+                    await self._adopt(sid)
+
+        await asyncio.gather(*(_one(sid) for sid in sids))
 
     async def _adopt(self, session_id: str) -> None:
         if session_id in self._adopting:

@@ -452,6 +452,41 @@ async def test_leases(store: Store) -> None:
     assert await store.renew_lease("rt-missing", "a", 1, 30) is False
 
 
+async def test_renew_leases_renews_only_what_the_owner_holds_under_its_generation(
+    store: Store,
+) -> None:
+    a1, a2, b1 = "rt-rl-a1", "rt-rl-a2", "rt-rl-b1"
+    ga1 = await store.acquire_lease(a1, "a", 0.5)
+    ga2 = await store.acquire_lease(a2, "a", 0.5)
+    gb1 = await store.acquire_lease(b1, "b", 0.5)
+    assert ga1 and ga2 and gb1
+    t0 = time.time()
+    renewed = await store.renew_leases("a", {a1: ga1, a2: ga2 + 1, b1: gb1, "rt-rl-missing": 1}, 30)
+    assert renewed == {a1}  # a2: stale generation; b1: another owner's; missing: none
+    assert (await store.lease_owner(a1))[1] > t0 + 29  # type: ignore[operator]
+    assert (await store.lease_owner(a2))[1] < t0 + 1  # type: ignore[operator]
+    assert (await store.lease_owner(b1))[1] < t0 + 1  # type: ignore[operator]
+    assert await store.renew_leases("a", {}, 30) == set()
+
+
+async def test_abandon_generation_refuses_later_transactions_only(store: Store) -> None:
+    rid = "rt-abandon"
+    gen = await store.acquire_lease(rid, "a", 30)
+    assert gen is not None
+    before = store.submit(mk_txn(rid, gen, mk_state()))  # submitted before: commits
+    store.abandon_generation(rid, gen)
+    after = store.submit(mk_txn(rid, gen, mk_state()))
+    await before
+    with pytest.raises(FencedError):
+        await after
+    assert len(await store.load_input_states(rid)) == 1
+    # a new generation (the next owner, or this process recovering) writes again
+    gen2 = await store.acquire_lease(rid, "a", 30)
+    assert gen2 is not None
+    await store.submit(mk_txn(rid, gen2, mk_state()))
+    assert len(await store.load_input_states(rid)) == 2
+
+
 # ------------------------------------------------------------------------------ inbox
 
 

@@ -330,7 +330,21 @@ class RuntimeStore(Protocol):
         """Extend the lease; False if it was lost (another generation took over)."""
         ...
 
+    async def renew_leases(self, owner: str, leases: dict[str, int], ttl: float) -> set[str]:
+        """Extend every lease of ``leases`` (runtime id -> generation) that ``owner`` still
+        holds under that generation, in one statement; the ids renewed. Not ordered behind
+        submitted transactions (a store with a busy writer renews on another connection), so
+        a backlog of commits never lets a live owner's leases expire."""
+        ...
+
     async def release_lease(self, runtime_id: str, owner: str, generation: int) -> None: ...
+
+    def abandon_generation(self, runtime_id: str, generation: int) -> None:
+        """Refuse (``FencedError``) every transaction of (runtime, generation) submitted from
+        now on; those submitted before still commit in order. The owner calls it when it
+        gives a session up because its lease may be gone: nothing it submits later (the stop
+        of the session, say) can reach the store, even before anyone else takes over."""
+        ...
 
     async def lease_owner(self, runtime_id: str) -> tuple[str | None, float | None, int]:
         """(owner, expiry as a UNIX time, generation) of the runtime's lease."""

@@ -466,6 +466,21 @@ class MemoryStore:
         self._writes += 1
         return True
 
+    async def renew_leases(self, owner: str, leases: dict[str, int], ttl: float) -> set[str]:
+        self._fault("renew_leases")
+        now = time.time()
+        renewed = set()
+        for rid, gen in leases.items():
+            row = self._rows.get(rid)
+            if row is not None and row.lease_owner == owner and row.generation == gen:
+                row.lease_expiry = now + ttl
+                renewed.add(rid)
+        self._writes += 1
+        return renewed
+
+    def abandon_generation(self, runtime_id: str, generation: int) -> None:
+        self._poisoned.add((runtime_id, generation))
+
     async def release_lease(self, runtime_id: str, owner: str, generation: int) -> None:
         self._fault("release_lease")
         row = self._rows.get(runtime_id)

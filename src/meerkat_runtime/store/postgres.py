@@ -1195,6 +1195,30 @@ class PostgresStore:
 
         return await self._write(run, locks=(runtime_id,))
 
+    async def renew_leases(self, owner: str, leases: dict[str, int], ttl: float) -> set[str]:
+        """One UPDATE for every lease, on a pooled connection, not the writer's: renewals
+        never queue behind a backlog of commits. It may wait for a runtime row that a writer
+        batch holds locked, at most one batch long."""
+        if not leases:
+            return set()
+        ids, gens = list(leases), [leases[r] for r in leases]
+
+        async def run(conn: Conn) -> set[str]:
+            cur = await conn.execute(
+                "UPDATE runtimes r SET lease_expiry = clock_timestamp()"
+                " + make_interval(secs => %s) FROM unnest(%s::text[], %s::bigint[]) AS l(id, gen)"
+                " WHERE r.runtime_id = l.id AND r.generation = l.gen AND r.lease_owner = %s"
+                " RETURNING r.runtime_id",
+                (ttl, ids, gens, owner),
+            )
+            return {str(row[0]) for row in await cur.fetchall()}
+
+        return await self._read(run)
+
+    def abandon_generation(self, runtime_id: str, generation: int) -> None:
+        key = (runtime_id, generation)
+        self._poisoned[key] = min(self._poisoned.get(key, self._txn_seq), self._txn_seq)
+
     async def release_lease(self, runtime_id: str, owner: str, generation: int) -> None:
         async def run(conn: Conn) -> None:
             cur = await conn.execute(

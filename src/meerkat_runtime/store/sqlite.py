@@ -1410,6 +1410,29 @@ class SqliteStore:
 
         return await self._write(run)
 
+    async def renew_leases(self, owner: str, leases: dict[str, int], ttl: float) -> set[str]:
+        """One write job for all leases (SQLite has one writer; its jobs are short)."""
+        items = list(leases.items())
+
+        def run(conn: sqlite3.Connection) -> set[str]:
+            expiry = time.time() + ttl
+            renewed: set[str] = set()
+            for rid, gen in items:
+                cur = conn.execute(
+                    "UPDATE runtimes SET lease_expiry = ? WHERE runtime_id = ?"
+                    " AND lease_owner = ? AND generation = ?",
+                    (expiry, rid, owner, gen),
+                )
+                if cur.rowcount == 1:
+                    renewed.add(rid)
+            return renewed
+
+        return await self._write(run) if items else set()
+
+    def abandon_generation(self, runtime_id: str, generation: int) -> None:
+        key = (runtime_id, generation)
+        self._poisoned[key] = min(self._poisoned.get(key, self._txn_seq), self._txn_seq)
+
     async def release_lease(self, runtime_id: str, owner: str, generation: int) -> None:
         def run(conn: sqlite3.Connection) -> None:
             conn.execute(
