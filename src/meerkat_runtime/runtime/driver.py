@@ -848,6 +848,11 @@ class SessionRuntime:
                 run, txn = started
                 await self._commit(txn)
                 await self._execute(run)
+        except StoreError:
+            if self._closed_reason is None:
+                raise
+            # the instance stopped on this failure (S8: nothing abandoned); the next owner
+            # recovers from the store: nothing left for this task to report
         finally:
             self._loop_task = None
             if self._closed_reason is None and self._has_work():
