@@ -49,7 +49,7 @@ from .errors import MeerkatRuntimeError
 from .store import open_store, redact_url, scrub
 from .store.base import StoreError
 from .store.memory import MemoryStore
-from .store.sqlite import SqliteStore, load_migrations
+from .store.sqlite import SchemaRefusedError, SqliteStore, load_migrations, schema_version_of
 from .surfaces.common import SurfaceError, classify
 
 if TYPE_CHECKING:
@@ -268,31 +268,11 @@ def _sqlite_version(path: Path, known: int) -> int:
     except sqlite3.Error as exc:
         raise StoreError(f"store {path}: {exc}") from None
     try:
-        tables = {
-            str(r[0])
-            for r in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
-            )
-        }
-        if "schema_version" not in tables:
-            if tables:
-                names = ", ".join(sorted(tables)[:5])
-                raise StoreError(
-                    f"store {path}: not a meerkat-runtime database: it holds tables ({names}) "
-                    "but no schema_version"
-                )
-            return 0
-        row = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()
-    except sqlite3.Error as exc:
+        current = schema_version_of(conn, known)
+    except (sqlite3.Error, SchemaRefusedError) as exc:
         raise StoreError(f"store {path}: {exc}") from None
     finally:
         conn.close()
-    current = int(row[0])
-    if current > known:
-        raise StoreError(
-            f"store {path}: schema version {current} is newer than this build of "
-            f"meerkat-runtime knows (up to {known}); upgrade meerkat-runtime to open it"
-        )
     return current
 
 

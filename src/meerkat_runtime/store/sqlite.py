@@ -163,6 +163,38 @@ def _statements(sql: str) -> list[str]:
 # ------------------------------------------------------------------------------ errors
 
 
+class SchemaRefusedError(Exception):
+    """A SQLite file this build must not open: another application's tables, or a schema
+    newer than this build knows (the message has no file prefix)."""
+
+
+def schema_version_of(conn: sqlite3.Connection, known: int) -> int:
+    """The schema version of the open SQLite database (0: no tables yet); refuses, with
+    ``SchemaRefusedError``, another application's database and a newer schema. Reads only:
+    ``meerkat db status`` uses it on a read-only connection."""
+    tables = {
+        r[0]
+        for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        ).fetchall()
+    }
+    if "schema_version" not in tables:
+        if tables:
+            names = ", ".join(sorted(tables)[:5])
+            raise SchemaRefusedError(
+                f"not a meerkat-runtime database: it holds tables ({names}) but no "
+                "schema_version; refusing to add a schema to it"
+            )
+        return 0
+    (current,) = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()
+    if current > known:
+        raise SchemaRefusedError(
+            f"schema version {current} is newer than this build of meerkat-runtime knows "
+            f"(up to {known}); upgrade meerkat-runtime to open it"
+        )
+    return int(current)
+
+
 class _Refused(Exception):
     """A job's own refusal (fenced, duplicate key, ...): the message has no file prefix yet."""
 
@@ -935,27 +967,10 @@ class SqliteStore:
 
     @staticmethod
     def _schema_version(conn: sqlite3.Connection, known: int) -> int:
-        tables = {
-            r[0]
-            for r in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
-            ).fetchall()
-        }
-        if "schema_version" not in tables:
-            if tables:
-                names = ", ".join(sorted(tables)[:5])
-                raise _Refused(
-                    f"not a meerkat-runtime database: it holds tables ({names}) but no "
-                    "schema_version; refusing to add a schema to it"
-                )
-            return 0
-        (current,) = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()
-        if current > known:
-            raise _Refused(
-                f"schema version {current} is newer than this build of meerkat-runtime knows "
-                f"(up to {known}); upgrade meerkat-runtime to open it"
-            )
-        return int(current)
+        try:
+            return schema_version_of(conn, known)
+        except SchemaRefusedError as exc:
+            raise _Refused(str(exc)) from None
 
     # ---------------------------------------------------------------- the writer thread
 
