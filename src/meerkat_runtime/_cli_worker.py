@@ -139,8 +139,21 @@ async def _run_worker(
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def _signalled() -> None:
+        # a second signal (a supervisor signalling the whole process group, a second
+        # Ctrl-C) must not kill the drain half-way: say what is going on instead
+        if stop.is_set():
+            reporter.emit(
+                "draining",
+                f"already draining (active runs get up to {grace:g} s); SIGKILL stops at once,"
+                " and the sessions' next owners recover them",
+                grace=grace,
+            )
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, _signalled)
     try:
         await rt.start()
         bound = "unbounded" if max_sessions is None else f"at most {max_sessions} sessions"
@@ -173,9 +186,11 @@ async def _run_worker(
             grace=grace,
         )
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        await rt.close(grace=grace)
+        try:
+            await rt.close(grace=grace)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
     reporter.emit("stopped", "worker stopped", owner_id=rt.owner_id)
     return EXIT_OK
 

@@ -789,6 +789,11 @@ class Runtime:
                         for rt in list(self._runtimes.values()):
                             await self._ingest(rt)
                         self._wake_all()
+                        if self._adopts() and not self._notifying and now - last_adopt >= 0.5:
+                            # no notices (SQLite): something committed, maybe a session that
+                            # needs an owner (a new inbox entry, a released lease)
+                            last_adopt = now
+                            await self._adopt_orphans()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
