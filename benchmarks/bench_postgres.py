@@ -20,9 +20,8 @@ runs), dropped right afterwards; every process the script starts is stopped befo
    (``--max-sessions ceil(S / W)``, so they share the sessions) and the clock runs from the
    first lease acquired (a worker's ``acquired`` JSON event) until the database holds N
    consumed inputs (polled every 50 ms). The executor is ``_pg_worker_exec.NoopExecutor``
-   (commits its boundary, returns), through ``--executor-factory``; ``--lease-ttl 60``
-   (``RUNS_TTL``: with 10 s, the sessions a slow ``Runtime.start()`` recovers lose their
-   leases, see results.md);
+   (commits its boundary, returns), through ``--executor-factory``; ``--lease-ttl 10``
+   (``RUNS_TTL``, the worker's default);
 4. failover: 2 workers run S sessions whose runs each take ``--run-seconds`` (an
    ``asyncio.sleep``), every session with a backlog; the worker holding the most sessions is
    SIGKILLed and the clock runs until the other worker has emitted ``acquired`` for each of
@@ -92,9 +91,9 @@ DB_PREFIX = "meerkat_bench_pg_"
 MAX_PENDING = 10_000_000  # the default (10,000) would reject a large backlog as queue_full
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 STOPPING = False  # set by a signal: nothing new starts (asyncio may run a task on after it)
-# lease TTL of the workers in the throughput rows: long enough that the sessions a worker
-# recovers in Runtime.start() keep their leases (see the findings in results.md)
-RUNS_TTL = 60.0
+# lease TTL of the workers in the throughput rows: the worker's default. (It was 60 s while
+# Runtime.start() renewed no lease until its recovery was done: fixed, see results.md.)
+RUNS_TTL = 10.0
 
 
 # ---------------------------------------------------------------------------- sizes

@@ -13,6 +13,7 @@ import pytest
 from meerkat_runtime.store import open_store
 from meerkat_runtime.store.base import StoreError, Txn
 from meerkat_runtime.store.postgres import (
+    _INBOX_LOCK,
     PgMigration,
     PostgresStore,
     load_pg_migrations,
@@ -46,6 +47,14 @@ def _versions(url: str) -> list[tuple[int, str]]:
 def test_the_packaged_migrations_are_numbered_from_one() -> None:
     assert [m.version for m in KNOWN] == list(range(1, LATEST + 1))
     assert KNOWN[0].name == "initial"
+    assert [m.name for m in KNOWN[:3]] == ["initial", "peer_comms", "inbox_push"]
+
+
+def test_the_inbox_push_function_takes_the_inbox_lock() -> None:
+    """``meerkat_inbox_push`` (v3) serializes pushes to a runtime without a row on the advisory
+    lock ``_INBOX_LOCK`` names; the SQL spells the constant in decimal."""
+    push = next(m for m in KNOWN if m.name == "inbox_push")
+    assert f"pg_advisory_xact_lock({_INBOX_LOCK}, hashtext(p_runtime))" in push.sql
 
 
 async def test_a_fresh_database_is_migrated_at_open() -> None:

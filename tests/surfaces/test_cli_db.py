@@ -17,13 +17,16 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
+from meerkat_runtime._ids import InputId
 from meerkat_runtime.store import scrub
+from meerkat_runtime.store.base import IdempotencyRecord, InboxEntry
 from meerkat_runtime.store.postgres import PostgresStore, load_pg_migrations
 from meerkat_runtime.store.sqlite import load_migrations
 from tests.postgres import support as pg
@@ -140,17 +143,42 @@ def test_pg_status_then_migrate_a_fresh_schema(cli: Cli, pg_url: str) -> None:
     }
 
 
-def test_pg_an_older_schema_is_pending_until_migrated(cli: Cli, pg_url: str) -> None:
-    asyncio.run(PostgresStore(pg_url, migrations=PG_KNOWN[:1]).migrate())  # v1 only
+@pytest.mark.parametrize("older", range(1, PG_LATEST))
+def test_pg_an_older_schema_is_pending_until_migrated(cli: Cli, pg_url: str, older: int) -> None:
+    """Every older version (v1, ..., the previous release's) is upgraded by ``db migrate``,
+    keeping its rows; the store then works on it (an inbox push: ``meerkat_inbox_push``)."""
+    asyncio.run(PostgresStore(pg_url, migrations=PG_KNOWN[:older]).migrate())
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # an entry pushed before
+        conn.execute(
+            "INSERT INTO inbox (runtime_id, input_json, created_at) VALUES ('rt-old', '{}', now())"
+        )
     status = js(ok(cli("status", "--store", pg_url, "--json"), 1))
-    assert status["version"] == 1 and status["up_to_date"] is False
-    assert status["pending"] == pending_of(list(range(2, PG_LATEST + 1)), PG_KNOWN)
-    assert pg_versions(pg_url) == [1]
+    assert status["version"] == older and status["up_to_date"] is False
+    assert status["pending"] == pending_of(list(range(older + 1, PG_LATEST + 1)), PG_KNOWN)
+    assert pg_versions(pg_url) == list(range(1, older + 1))
 
     report = js(ok(cli("migrate", "--store", pg_url, "--json")))
     assert report["applied"] == status["pending"] and report["version"] == PG_LATEST
     assert pg_versions(pg_url) == list(range(1, PG_LATEST + 1))
     ok(cli("status", "--store", pg_url))
+
+    async def push() -> None:
+        store = PostgresStore(pg_url)
+        await store.open()
+        try:
+            iid = InputId.new()
+            key = IdempotencyRecord("k", iid, "h", datetime.now(UTC))
+            entry = InboxEntry("rt-old", '{"x": 1}')
+            assert await store.inbox_push(entry, key, 10) == ("accepted", None)
+            again = InboxEntry("rt-old", '{"x": 1}')
+            assert await store.inbox_push(again, key, 10) == ("deduplicated", iid)
+            entries = await store.inbox_entries("rt-old")
+            assert [e.input_json for e in entries] == ["{}", '{"x": 1}']
+            assert entries[1].seq == entry.seq > entries[0].seq
+        finally:
+            await store.close()
+
+    asyncio.run(push())
 
 
 def test_pg_a_newer_schema_is_refused_and_left_alone(cli: Cli, pg_url: str) -> None:

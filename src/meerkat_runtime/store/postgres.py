@@ -140,7 +140,8 @@ __all__ = ["PgMigration", "PostgresStore", "load_pg_migrations", "migrate_postgr
 T = TypeVar("T")
 Conn = AsyncConnection[TupleRow]
 
-_INBOX_LOCK = 0x6D6B6962  # advisory lock class of pushes to a runtime without a row ("mkib")
+_INBOX_LOCK = 0x6D6B6962  # advisory lock class of pushes to a runtime without a row ("mkib"),
+# taken by meerkat_inbox_push (migration 0003) as 1835755874
 _JOB_ATTEMPTS = 3  # a job that deadlocks (or loses a unique-key race) runs at most this often
 _SLOTS = 16  # rows of change_counter
 
@@ -418,43 +419,22 @@ async def _inbox_push(
     max_pending: int,
     channel: str,
 ) -> tuple[str, str | None, int]:
+    """One round trip: ``meerkat_inbox_push`` (migration 0003) locks the runtime row (or, with
+    none, the advisory lock ``_INBOX_LOCK``), checks the key, counts admission, inserts the key
+    and the entry and notifies ``channel``. A concurrent claim of the key fails on its primary
+    key; the caller (``unique=True``) runs the push again."""
     rid, input_json, recon_json, now = entry
-    cur = await conn.execute("SELECT 1 FROM runtimes WHERE runtime_id = %s FOR UPDATE", (rid,))
-    if await cur.fetchone() is None:
-        # never written: no row to lock; serialize the pushes on an advisory lock instead
-        await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_INBOX_LOCK, rid))
-    if idem is not None:
-        key, _iid, chash, _at = idem
-        cur = await conn.execute(
-            "SELECT input_id, content_hash FROM idempotency WHERE runtime_id = %s AND key = %s",
-            (rid, key),
-        )
-        prior = await cur.fetchone()
-        if prior is not None:
-            return ("deduplicated" if prior[1] == chash else "conflict", str(prior[0]), 0)
+    key, iid, chash, at = idem if idem is not None else (None, None, None, None)
     cur = await conn.execute(
-        "SELECT (SELECT count(*) FROM input_states WHERE runtime_id = %s AND NOT is_terminal)"
-        " + (SELECT count(*) FROM inbox WHERE runtime_id = %s)",
-        (rid, rid),
-    )
-    counted = await cur.fetchone()
-    if counted is not None and int(counted[0]) >= max_pending:
-        return ("queue_full", None, 0)
-    if idem is not None:
-        await conn.execute(
-            "INSERT INTO idempotency (runtime_id, key, input_id, content_hash, accepted_at)"
-            " VALUES (%s, %s, %s, %s, %s)",
-            (rid, *idem),
-        )
-    cur = await conn.execute(
-        "INSERT INTO inbox (runtime_id, input_id, input_json, reconstruction_json, created_at)"
-        " VALUES (%s, %s, %s, %s, %s) RETURNING seq",
-        (rid, idem[1] if idem is not None else None, input_json, recon_json, now),
+        "SELECT verdict, existing_input_id, inbox_seq"
+        " FROM meerkat_inbox_push(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (rid, iid, input_json, recon_json, now, key, chash, at, max_pending, channel),
     )
     row = await cur.fetchone()
-    # the owner (or, with none, any worker) ingests it at once (LISTEN, _pg_listen.py)
-    await conn.execute("SELECT pg_notify(%s, %s)", (channel, rid))
-    return ("accepted", None, int(row[0]) if row is not None else 0)
+    if row is None:  # pragma: no cover - the function always returns one row
+        raise StoreError(f"meerkat_inbox_push returned nothing for runtime {rid}")
+    verdict, existing, seq = row
+    return (str(verdict), str(existing) if existing is not None else None, int(seq))
 
 
 async def _open_peer_request(conn: Conn, row: tuple[Any, ...]) -> tuple[Any, ...]:
