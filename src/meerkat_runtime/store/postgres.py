@@ -142,6 +142,7 @@ Conn = AsyncConnection[TupleRow]
 
 _INBOX_LOCK = 0x6D6B6962  # advisory lock class of pushes to a runtime without a row ("mkib"),
 # taken by meerkat_inbox_push (migration 0003) as 1835755874
+_BATCH_LOCK = 0x6D6B6274  # advisory lock class of a writer batch's runtimes ("mkbt")
 _JOB_ATTEMPTS = 3  # a job that deadlocks (or loses a unique-key race) runs at most this often
 _SLOTS = 16  # rows of change_counter
 
@@ -831,6 +832,15 @@ class PostgresStore:
             locks = sorted({rid for j in batch for rid in j.locks})
             if locks:
                 try:
+                    # one transaction-level advisory lock per runtime the batch writes,
+                    # taken in key order before any row lock: two processes' batches that
+                    # share runtimes serialize here, never in a cycle (new runtime rows,
+                    # which the row locks below cannot cover, included)
+                    await conn.execute(
+                        "SELECT pg_advisory_xact_lock(%s, k) FROM (SELECT DISTINCT"
+                        " hashtext(id) AS k FROM unnest(%s::text[]) AS id) t ORDER BY k",
+                        (_BATCH_LOCK, locks),
+                    )
                     await conn.execute(
                         "SELECT 1 FROM runtimes WHERE runtime_id = ANY(%s)"
                         " ORDER BY runtime_id FOR UPDATE",
@@ -1181,15 +1191,20 @@ class PostgresStore:
         batch holds locked, at most one batch long."""
         if not leases:
             return set()
-        ids, gens = list(leases), [leases[r] for r in leases]
+        ids = sorted(leases)
+        gens = [leases[r] for r in ids]
 
         async def run(conn: Conn) -> set[str]:
+            # rows locked in runtime_id order, as every writer batch locks them: no deadlock
             cur = await conn.execute(
-                "UPDATE runtimes r SET lease_expiry = clock_timestamp()"
-                " + make_interval(secs => %s) FROM unnest(%s::text[], %s::bigint[]) AS l(id, gen)"
-                " WHERE r.runtime_id = l.id AND r.generation = l.gen AND r.lease_owner = %s"
+                "WITH mine AS (SELECT r.runtime_id FROM runtimes r"
+                " JOIN unnest(%s::text[], %s::bigint[]) AS l(id, gen)"
+                " ON r.runtime_id = l.id AND r.generation = l.gen"
+                " WHERE r.lease_owner = %s ORDER BY r.runtime_id FOR UPDATE OF r)"
+                " UPDATE runtimes r SET lease_expiry = clock_timestamp()"
+                " + make_interval(secs => %s) FROM mine WHERE r.runtime_id = mine.runtime_id"
                 " RETURNING r.runtime_id",
-                (ttl, ids, gens, owner),
+                (ids, gens, owner, ttl),
             )
             return {str(row[0]) for row in await cur.fetchall()}
 
