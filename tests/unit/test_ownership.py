@@ -165,3 +165,33 @@ async def test_drain_releases_leases_and_another_process_takes_over_at_once() ->
         outcome = await (await b.turn(sid, "hi")).wait(10)
         assert isinstance(outcome, CompletedWait)
         assert b.owned_sessions() == [sid]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_a_backlog_taken_over_is_admitted_in_inbox_order(kind: str, tmp_path: Any) -> None:
+    """S10: a new owner ingests a session's inbox backlog in seq order, also when it admits
+    the entries concurrently (their commits grouped)."""
+    schema = None
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'backlog.db'}"
+    else:
+        from tests.postgres import support as pg
+
+        reason = pg.unavailable()
+        if reason is not None:
+            pytest.skip(reason)
+        url, schema = pg.fresh_schema()
+    try:
+        async with Runtime.open(url, owns_sessions=False) as client:
+            sid = (await client.create_session()).id
+            handles = [await client.turn(sid, f"m{n}") for n in range(30)]
+            assert len(await client.store.inbox_entries(sid)) == 30
+            async with Runtime.open(url, recover_on_open=False) as owner:
+                assert await owner.load(sid) is not None
+                for h in handles:
+                    assert isinstance(await h.wait(30), CompletedWait)
+                texts = [m.content for m in (await owner.history(sid)).messages if m.role == "user"]
+                assert texts == [f"m{n}" for n in range(30)]
+    finally:
+        if schema is not None:
+            pg.drop_schema(schema)

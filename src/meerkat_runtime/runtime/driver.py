@@ -1398,6 +1398,15 @@ class SessionRuntime:
         self._emit_run(txn, "cancelled", now, run_id=run.run_id, reason=run.cancel_reason or None)
         self._submit(txn)
 
+    @property
+    def ingests_concurrently(self) -> bool:
+        """Whether several ``ingest`` calls started in inbox order may run concurrently
+        (their transactions then share group commits) and still be admitted in that order:
+        ``ingest`` and ``accept`` reach their submission without awaiting anything unless
+        the runtime is still recovering (``accept`` waits for it) or a peer response must
+        first read its request (S20). So: recovered, and no peer correlation."""
+        return self._ready.is_set() and not self.peer_correlation
+
     async def ingest(self, entry: InboxEntry) -> None:
         """Admit an input another process wrote to the inbox (S10), deleting the inbox row in
         the same transaction. Its idempotency key was claimed in the store when it was pushed.
