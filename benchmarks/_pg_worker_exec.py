@@ -2,7 +2,7 @@
 (``meerkat worker --executor-factory _pg_worker_exec:factory``, with this directory on
 ``PYTHONPATH``).
 
-``NoopExecutor`` commits its boundary with the staged user messages and returns
+``NoopExecutor`` (from ``_common``) commits its boundary with the staged user messages and returns
 ``RunResult(text="ok")`` (the executor of ``bench_durable.py``), after an optional
 ``asyncio.sleep`` (``MEERKAT_BENCH_RUN_SECONDS`` in a worker's environment: a run that waits
 like an LLM call, for the failover measurement's in-flight load). Sessions created without an
@@ -13,30 +13,11 @@ from __future__ import annotations
 
 import os
 
-from meerkat_runtime import Message, RunContext, RunResult
+from _common import NoopExecutor
+
 from meerkat_runtime.store.base import SessionRecord
 
 RUN_SECONDS_ENV = "MEERKAT_BENCH_RUN_SECONDS"
-
-
-class NoopExecutor:
-    """Commits its boundary with the staged user messages, optionally sleeps (cancellable),
-    and completes."""
-
-    def __init__(self, sleep: float = 0.0) -> None:
-        self.sleep = sleep
-
-    async def apply(self, run: RunContext) -> RunResult:
-        prim = run.primitive
-        msgs = [
-            Message(role="user", content=getattr(a.content, "text", ""), input_ids=[a.input_id])
-            for a in prim.appends
-            if a.input_id is not None
-        ]
-        await run.commit_boundary(msgs)
-        if self.sleep > 0:
-            await run.wait(self.sleep)  # returns early if the run is interrupted
-        return RunResult(text="ok")
 
 
 def factory(record: SessionRecord) -> NoopExecutor | None:

@@ -27,13 +27,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import gc
-import hashlib
-import os
-import platform
 import random
-import re
 import shutil
 import sys
 import tempfile
@@ -44,13 +39,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    import meerkat_runtime
-except ModuleNotFoundError as exc:  # not installed: use the checkout's src/
-    if exc.name != "meerkat_runtime":
-        raise
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-    import meerkat_runtime
+from _common import (
+    loadavg,
+    machine,
+    ms,
+    pct,
+    print_machine,
+    section_head,
+    store_urls,
+    us,
+    write_section,
+)
 
 from meerkat_runtime import Runtime
 from meerkat_runtime.core.agent import AgentConfig, AgentExecutor
@@ -62,7 +61,6 @@ ROOT = Path(__file__).resolve().parent.parent
 clock = time.perf_counter
 RESULTS = Path(__file__).resolve().parent / "results.md"
 SECTION = "## Agent core (bench_agent.py)"
-FINDINGS = "### Findings"
 
 
 # ---------------------------------------------------------------------------- overhead
@@ -144,11 +142,6 @@ def timed_tools(spent: Spent) -> ToolRegistry:
         return value
 
     return registry
-
-
-def pct(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 @dataclass
@@ -519,53 +512,7 @@ async def cancel_run(
 # ---------------------------------------------------------------------------- machine
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 0
-    return {
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "platform": platform.platform(),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "loadavg_at_start": _loadavg(),
-        "code": _code_fingerprint(),
-    }
-
-
-def _code_fingerprint() -> str:
-    root = Path(meerkat_runtime.__file__).resolve().parent
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
-    return f"meerkat_runtime sha256:{h.hexdigest()[:12]}"
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 # ---------------------------------------------------------------------------- report
-
-
-def us(seconds: float) -> str:
-    return f"{seconds * 1e6:,.0f}"
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.2f}"
 
 
 def overhead_table(rows: list[OverheadResult]) -> list[str]:
@@ -634,23 +581,8 @@ def markdown(
     elapsed: float,
     load_end: list[float] | None,
 ) -> str:
-    lines = [
-        SECTION,
-        "",
-        f"Recorded {info['date'].replace('T', ' ').replace('+00:00', ' UTC')} with "
-        f"`{' '.join(['python benchmarks/bench_agent.py', *sys.argv[1:]])}` "
-        f"({elapsed:.0f} s in all).",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| CPU | `{info['cpu']}` |",
-        f"| cores | {info['cores']} ({info['usable_cores']} usable) |",
-        f"| OS | {info['platform']} |",
-        f"| Python | {info['python']} |",
-        f"| code | `{info['code']}` |",
-        f"| load | {info['loadavg_at_start']} at start, {load_end} at end (1/5/15 min) |",
-        "",
-    ]
+    command = ["python benchmarks/bench_agent.py", *sys.argv[1:]]
+    lines = section_head(SECTION, info, command, elapsed, load_end)
     if over:
         lines += [
             "### Runtime overhead per turn (offline model)",
@@ -706,22 +638,6 @@ def markdown(
             "",
         ]
     return "\n".join(lines)
-
-
-def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace the section in ``path`` (or append it), keeping its ``### Findings``."""
-    doc = path.read_text() if path.exists() else ""
-    start = doc.find(SECTION)
-    if start < 0:
-        path.write_text(doc.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")
-        return
-    nxt = re.search(r"^## ", doc[start + len(SECTION) :], re.MULTILINE)
-    end = start + len(SECTION) + nxt.start() if nxt else len(doc)
-    old = doc[start:end]
-    kept = old[old.find(FINDINGS) :].rstrip("\n") if FINDINGS in old else ""
-    new = text.rstrip("\n") + ("\n\n" + kept if kept else "") + "\n"
-    rest = doc[end:]
-    path.write_text(doc[:start] + new + ("\n" + rest if rest else ""))
 
 
 # ---------------------------------------------------------------------------- main
@@ -801,19 +717,9 @@ def main(argv: list[str] | None = None) -> int:
         stores = [s.strip() for s in args.stores.split(",") if s.strip()]
         cases = [c.strip() for c in args.cases.split(",") if c.strip()]
         info = machine()
-        print(f"Python  {info['python']}")
-        print(f"CPU     {info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable)")
-        print(f"Load    {info['loadavg_at_start']} (1/5/15 min) at start")
-        print(f"Code    {info['code']}\n")
+        print_machine(info)
         started = clock()
-        n_db = 0
-
-        def url(store: str) -> str:
-            nonlocal n_db
-            if store == "memory":
-                return "memory://"
-            n_db += 1
-            return f"sqlite:///{tmp}/bench-{n_db}.db"  # a fresh file per measurement
+        url = store_urls(tmp)
 
         def timed(coro: Any) -> Any:
             gc.collect()
@@ -864,10 +770,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(cancel_table([c])[-1], flush=True)
             print()
         elapsed = clock() - started
-        text = markdown(info, args, over, long, cancels, elapsed, _loadavg())
+        text = markdown(info, args, over, long, cancels, elapsed, loadavg())
         print(text)
         if args.write:
-            write_section(text)
+            write_section(text, RESULTS, SECTION)
             print(f"\nupdated {RESULTS}")
         return 0
     finally:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import gc
 import json
 import os
@@ -51,25 +50,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    import meerkat_runtime  # noqa: F401
-except ModuleNotFoundError as exc:  # not installed: use the checkout's src/
-    if exc.name != "meerkat_runtime":
-        raise
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+from _common import (
+    NoopExecutor,
+    check,
+    config,
+    cpu_model,
+    loadavg,
+    no_wake_policy,
+    now_iso,
+    pressure,
+    prompts,
+    python_version,
+    ram_gib,
+    split,
+)
 
 from meerkat_runtime import (
     InputLifecycleState,
     InputState,
-    Message,
-    PolicyRow,
-    PolicyTable,
     PromptInput,
-    RunContext,
-    RunResult,
     Runtime,
-    RuntimeConfig,
-    default_policy_table,
 )
 from meerkat_runtime._ids import InputId
 from meerkat_runtime._time import utcnow
@@ -78,43 +78,10 @@ from meerkat_runtime.runtime.policy import PolicySnapshot
 from meerkat_runtime.store.base import SessionRecord, Txn
 from meerkat_runtime.store.sqlite import SqliteStore
 
-MAX_PENDING = 10_000_000  # the default (10,000) would reject a large backlog as queue_full
 CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------------------- executor, policy
-
-
-class NoopExecutor:
-    """Commits its boundary with the staged user messages and completes at once."""
-
-    async def apply(self, run: RunContext) -> RunResult:
-        prim = run.primitive
-        msgs = [
-            Message(role="user", content=getattr(a.content, "text", ""), input_ids=[a.input_id])
-            for a in prim.appends
-            if a.input_id is not None
-        ]
-        await run.commit_boundary(msgs)
-        return RunResult(text="ok")
-
-
-def no_wake_policy() -> PolicyTable:
-    """The default table with prompts that never wake a run (accept path only)."""
-    d = PolicyTable.decision("stage_run_start", "none", "fifo", "on_run_complete")
-    return default_policy_table().with_rows({"prompt": PolicyRow(d, d)})
-
-
-def config() -> RuntimeConfig:
-    return RuntimeConfig(max_pending_inputs=MAX_PENDING)
-
-
-def prompts(n: int) -> list[PromptInput]:
-    return [PromptInput.new(f"prompt {i}") for i in range(n)]
-
-
-def split(items: list[Any], parts: int) -> list[list[Any]]:
-    return [items[i::parts] for i in range(parts)]
 
 
 def url(path: Path) -> str:
@@ -208,11 +175,6 @@ class GcTimer:
         )
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise SystemExit(f"benchmark invalid: {msg}")
-
-
 def _batching(rt: Runtime) -> dict[str, Any]:
     store = rt.store
     if isinstance(store, SqliteStore) and store.commits:
@@ -303,7 +265,7 @@ async def accept_throughput(path: Path, n: int, producers: int, shared: bool) ->
             )
             rate, cpu_rate, wall = c.rates(n)
             busy = _busy(th0, _thread_cpu(rt), wall)
-        _check(sum(counts) == n, f"only {sum(counts)} of {n} inputs were accepted")
+        check(sum(counts) == n, f"only {sum(counts)} of {n} inputs were accepted")
         commits, txns = store.commits - c0, store.transactions - t0
     finally:
         await rt.close(grace=0)
@@ -351,7 +313,7 @@ async def run_throughput(path: Path, n: int, sessions: int) -> Result:
             )
             rate, cpu_rate, wall = c.rates(n)
             busy = _busy(th0, _thread_cpu(rt), wall)
-        _check(sum(counts) == n, f"only {sum(counts)} of {n} runs completed")
+        check(sum(counts) == n, f"only {sum(counts)} of {n} runs completed")
         commits, txns = store.commits - c0, store.transactions - t0
     finally:
         await rt.close(grace=0)
@@ -393,7 +355,7 @@ async def populate_runtime(path: Path, inputs: int, sessions: int) -> dict[str, 
             *(produce(i.id, b) for i, b in zip(infos, batches, strict=True))
         )
         t_accept = time.perf_counter() - t1
-        _check(sum(counts) == inputs, f"populate: only {sum(counts)} of {inputs} accepted")
+        check(sum(counts) == inputs, f"populate: only {sum(counts)} of {inputs} accepted")
     finally:
         t2 = time.perf_counter()
         await rt.close(grace=0)
@@ -535,7 +497,7 @@ def recovery(path: Path, inputs: int, sessions: int, how: str, reps: int) -> Res
     populate = populate_runtime if how == "runtime" else populate_store
     pop = asyncio.run(populate(path, inputs, sessions))
     want_sessions, want_inputs = pending_in(path)
-    _check(
+    check(
         (want_sessions, want_inputs) == (sessions, inputs),
         f"populate left {want_inputs} pending inputs in {want_sessions} sessions",
     )
@@ -546,7 +508,7 @@ def recovery(path: Path, inputs: int, sessions: int, how: str, reps: int) -> Res
     qc = quick_check_seconds(path)
     runs = [run_recovery_child(path) for _ in range(reps)]
     best = min(runs, key=lambda r: r["start_s"])
-    _check(
+    check(
         best["sessions"] == sessions and best["inputs"] == inputs and best["lost"] == 0,
         f"recovered {best['inputs']} inputs in {best['sessions']} sessions "
         f"(lost {best['lost']}), expected {inputs} in {sessions}",
@@ -574,17 +536,6 @@ def recovery(path: Path, inputs: int, sessions: int, how: str, reps: int) -> Res
 
 
 def machine(db_dir: Path) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    ram_gib: float | None = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram_gib = int(line.split()[1]) / (1 << 20)
-                break
     df = ""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         lines = subprocess.run(
@@ -593,37 +544,19 @@ def machine(db_dir: Path) -> dict[str, Any]:
         ).stdout.splitlines()  # fmt: skip
         df = " ".join(lines[-1].split()) if lines else ""
     return {
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "python": python_version(),
         "sqlite": sqlite3.sqlite_version,
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
-        "ram_gib": round(ram_gib, 1) if ram_gib else None,
+        "ram_gib": ram_gib(),
         "disk": df,
         "db_dir": str(db_dir),
         "platform": platform.platform(),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "loadavg_at_start": _loadavg(),
-        "pressure_at_start": _pressure(),
+        "date": now_iso(),
+        "loadavg_at_start": loadavg(),
+        "pressure_at_start": pressure(),
         "no_gc": GcTimer.disable,
     }
-
-
-def _pressure() -> str:
-    """Linux PSI: the share of the last 60 s in which some task waited for a CPU or for I/O
-    (high values mean other work on the machine skews every figure)."""
-    out = []
-    for res in ("cpu", "io"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            some = Path(f"/proc/pressure/{res}").read_text().splitlines()[0]
-            out.append(f"{res} {float(some.split()[2].split('=')[1]):.0f}%")
-    return ", ".join(out) or "n/a"
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def default_db_dir() -> Path:
@@ -967,8 +900,8 @@ def bench(args: argparse.Namespace, sz: Sizes, db_dir: Path) -> int:
         add(recovery(db_dir / "recovery.db", sz.rec_inputs, sz.rec_sessions, args.populate,
                      sz.rec_reps))  # fmt: skip
         remove_db(db_dir / "recovery.db")
-    info["loadavg_at_end"] = _loadavg()
-    info["pressure_at_end"] = _pressure()
+    info["loadavg_at_end"] = loadavg()
+    info["pressure_at_end"] = pressure()
     info["elapsed_s"] = round(time.perf_counter() - started, 1)
     print()
     print(render(info, res, sz, args.populate))

@@ -22,74 +22,38 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import functools
 import gc
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    import meerkat_runtime
-except ModuleNotFoundError as exc:  # not installed: use the checkout's src/
-    if exc.name != "meerkat_runtime":
-        raise
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-    import meerkat_runtime
-
-from meerkat_runtime import (
-    Message,
-    PolicyRow,
-    PolicyTable,
-    PromptInput,
-    RunContext,
-    RunResult,
-    Runtime,
-    RuntimeConfig,
-    default_policy_table,
+from _common import (
+    NoopExecutor,
+    check,
+    code_fingerprint,
+    config,
+    cpu_model,
+    loadavg,
+    no_wake_policy,
+    now_iso,
+    prompts,
+    python_version,
+    ram_gib,
+    split,
+    usable_cores,
 )
 
-MAX_PENDING = 10_000_000  # the default (10,000) would reject a large backlog as queue_full
-
-
-class NoopExecutor:
-    """Commits its boundary with the staged user messages and completes at once."""
-
-    async def apply(self, run: RunContext) -> RunResult:
-        prim = run.primitive
-        msgs = [
-            Message(role="user", content=getattr(a.content, "text", ""), input_ids=[a.input_id])
-            for a in prim.appends
-            if a.input_id is not None
-        ]
-        await run.commit_boundary(msgs)
-        return RunResult(text="ok")
-
-
-def no_wake_policy() -> PolicyTable:
-    """The default table with prompts that never wake a run (accept path only)."""
-    d = PolicyTable.decision("stage_run_start", "none", "fifo", "on_run_complete")
-    return default_policy_table().with_rows({"prompt": PolicyRow(d, d)})
-
-
-def config() -> RuntimeConfig:
-    return RuntimeConfig(max_pending_inputs=MAX_PENDING)
-
-
-def prompts(n: int) -> list[PromptInput]:
-    return [PromptInput.new(f"prompt {i}") for i in range(n)]
-
-
-def split(items: list[Any], parts: int) -> list[list[Any]]:
-    return [items[i::parts] for i in range(parts)]
-
+from meerkat_runtime import (
+    PromptInput,
+    Runtime,
+)
 
 # ---------------------------------------------------------------------------- measurements
 
@@ -112,7 +76,7 @@ async def accept_throughput(n: int, sessions: int) -> Rate:
         t0 = _start()
         counts = await asyncio.gather(*(produce(s, b) for s, b in zip(ids, batches, strict=True)))
         rate = _rate(n, t0)
-        _check(sum(counts) == n, f"only {sum(counts)} of {n} inputs were accepted")
+        check(sum(counts) == n, f"only {sum(counts)} of {n} inputs were accepted")
         return rate
     finally:
         await rt.close(grace=0)
@@ -134,7 +98,7 @@ async def run_throughput(n: int, sessions: int) -> Rate:
         t0 = _start()
         counts = await asyncio.gather(*(produce(s, b) for s, b in zip(ids, batches, strict=True)))
         rate = _rate(n, t0)
-        _check(sum(counts) == n, f"only {sum(counts)} of {n} runs completed")
+        check(sum(counts) == n, f"only {sum(counts)} of {n} runs completed")
         return rate
     finally:
         await rt.close(grace=0)
@@ -153,7 +117,7 @@ async def run_closed_loop(n: int) -> Rate:
             out = await (await rt.accept_with_completion(sid, inp)).wait()
             ok += out.outcome_type == "completed"
         rate = _rate(n, t0)
-        _check(ok == n, f"only {ok} of {n} runs completed")
+        check(ok == n, f"only {ok} of {n} runs completed")
         return rate
     finally:
         await rt.close(grace=0)
@@ -197,11 +161,6 @@ def _rate(n: int, t0: tuple[float, float]) -> Rate:
     wall = time.perf_counter() - t0[0]
     cpu = time.process_time() - t0[1]
     return n / wall, n / cpu if cpu > 0 else float("nan")
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise SystemExit(f"benchmark invalid: {msg}")
 
 
 # ---------------------------------------------------------------------------- harness
@@ -263,59 +222,20 @@ def measure(fn: Callable[[], Coroutine[Any, Any, Any]], reps: int, no_gc: bool) 
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    ram_gib: float | None = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram_gib = int(line.split()[1]) / (1 << 20)
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 0
     import pydantic
 
     return {
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "python": python_version(),
         "pydantic": pydantic.VERSION,
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "ram_gib": round(ram_gib, 1) if ram_gib else None,
+        "usable_cores": usable_cores(),
+        "ram_gib": ram_gib(),
         "platform": platform.platform(),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "loadavg_at_start": _loadavg(),
-        "code": _code_fingerprint(),
+        "date": now_iso(),
+        "loadavg_at_start": loadavg(),
+        "code": code_fingerprint(newest=True),
     }
-
-
-def _code_fingerprint() -> str:
-    """SHA-256 (12 hex) of the package's .py files and the newest mtime: which code ran."""
-    import hashlib
-
-    root = Path(meerkat_runtime.__file__).resolve().parent
-    h = hashlib.sha256()
-    newest = 0.0
-    for f in sorted(root.rglob("*.py")):
-        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
-        newest = max(newest, f.stat().st_mtime)
-    when = dt.datetime.fromtimestamp(newest, dt.UTC).isoformat(timespec="seconds")
-    return f"meerkat_runtime sha256:{h.hexdigest()[:12]}, newest file {when}"
-
-
-def _loadavg() -> list[float] | None:
-    """The 1/5/15-minute load average: other work on the machine skews every figure."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def profile_accept(n: int) -> int:
@@ -447,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         "\nmedian/min/max: per wall-clock second (perf_counter). per CPU-s: median per second of"
         "\nthis process's CPU time; well above the median means other work took the CPU."
     )
-    print(f"({elapsed:.1f} s in all; load {_loadavg()} at end)")
+    print(f"({elapsed:.1f} s in all; load {loadavg()} at end)")
 
     if args.write:
         doc = {
@@ -455,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             "mode": "quick" if args.quick else "full",
             "reps": reps,
             "gc_disabled": args.no_gc,
-            "loadavg_at_end": _loadavg(),
+            "loadavg_at_end": loadavg(),
             "elapsed_s": round(elapsed, 1),
             "results": [
                 {**asdict(r), "median": r.median, "cpu_median": r.cpu_median} for r in rows

@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import gc
 import json
 import math
@@ -62,33 +61,34 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    import meerkat_runtime
-except ModuleNotFoundError as exc:  # not installed: use the checkout's src/
-    if exc.name != "meerkat_runtime":
-        raise
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-    import meerkat_runtime
-
 import psycopg
-from _pg_worker_exec import RUN_SECONDS_ENV, NoopExecutor
+from _common import (
+    NoopExecutor,
+    code_fingerprint,
+    config,
+    cpu_model,
+    loadavg,
+    no_wake_policy,
+    now_iso,
+    pressure,
+    prompts,
+    python_version,
+    ram_gib,
+    split,
+    write_section,
+)
+from _pg_worker_exec import RUN_SECONDS_ENV
 
 from meerkat_runtime import (
-    PolicyRow,
-    PolicyTable,
     PromptInput,
     Runtime,
-    RuntimeConfig,
-    default_policy_table,
 )
 from meerkat_runtime.store.postgres import PostgresStore, migrate_postgres
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results.md"
 SECTION = "## PostgreSQL (issue 7)"
-FINDINGS = "### Findings"
 DB_PREFIX = "meerkat_bench_pg_"
-MAX_PENDING = 10_000_000  # the default (10,000) would reject a large backlog as queue_full
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 STOPPING = False  # set by a signal: nothing new starts (asyncio may run a task on after it)
 # lease TTL of the workers in the throughput rows: the worker's default. (It was 60 s while
@@ -116,24 +116,6 @@ QUICK = Sizes(300, 300, 1_500, 20, 400, (1, 2), ((2.0, 1),), 10)
 
 
 # ---------------------------------------------------------------------------- workload
-
-
-def no_wake_policy() -> PolicyTable:
-    """The default table with prompts that never wake a run (accept path only)."""
-    d = PolicyTable.decision("stage_run_start", "none", "fifo", "on_run_complete")
-    return default_policy_table().with_rows({"prompt": PolicyRow(d, d)})
-
-
-def config() -> RuntimeConfig:
-    return RuntimeConfig(max_pending_inputs=MAX_PENDING)
-
-
-def prompts(n: int) -> list[PromptInput]:
-    return [PromptInput.new(f"prompt {i}") for i in range(n)]
-
-
-def split(items: list[Any], parts: int) -> list[list[Any]]:
-    return [items[i::parts] for i in range(parts)]
 
 
 def open_runtime(url: str, *, owning: bool) -> Runtime:
@@ -942,17 +924,6 @@ async def failover(
 
 
 def machine(pg_url: str) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    ram_gib: float | None = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram_gib = int(line.split()[1]) / (1 << 20)
-                break
     pg: dict[str, str] = {}
     with psycopg.connect(pg_url, autocommit=True) as conn:
         for name in (
@@ -962,45 +933,18 @@ def machine(pg_url: str) -> dict[str, Any]:
             row = conn.execute(f"SHOW {name}").fetchone()
             pg[name] = str(row[0]) if row is not None else ""
     return {
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "python": python_version(),
         "psycopg": psycopg.__version__,
         "postgres": pg,
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
-        "ram_gib": round(ram_gib, 1) if ram_gib else None,
+        "ram_gib": ram_gib(),
         "platform": platform.platform(),
-        "code": _code_fingerprint(),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "loadavg_at_start": _loadavg(),
-        "pressure_at_start": _pressure(),
+        "code": code_fingerprint(),
+        "date": now_iso(),
+        "loadavg_at_start": loadavg(),
+        "pressure_at_start": pressure(),
     }
-
-
-def _code_fingerprint() -> str:
-    """SHA-256 (12 hex) of the package's .py files: which code ran."""
-    import hashlib
-
-    root = Path(meerkat_runtime.__file__).resolve().parent
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
-    return f"meerkat_runtime sha256:{h.hexdigest()[:12]}"
-
-
-def _pressure() -> str:
-    out = []
-    for res in ("cpu", "io"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            some = Path(f"/proc/pressure/{res}").read_text().splitlines()[0]
-            out.append(f"{res} {float(some.split()[2].split('=')[1]):.0f}%")
-    return ", ".join(out) or "n/a"
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 # ---------------------------------------------------------------------------- report
@@ -1115,22 +1059,6 @@ def render(info: dict[str, Any], rows: list[Row], sz: Sizes, args: argparse.Name
         *table(rows),
     ]
     return "\n".join(lines)
-
-
-def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace the section in ``path`` (or append it), keeping its ``### Findings``."""
-    doc = path.read_text() if path.exists() else ""
-    start = doc.find(SECTION)
-    if start < 0:
-        path.write_text(doc.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")
-        return
-    nxt = re.search(r"^## ", doc[start + len(SECTION) :], re.MULTILINE)
-    end = start + len(SECTION) + nxt.start() if nxt else len(doc)
-    old = doc[start:end]
-    kept = old[old.find(FINDINGS) :].rstrip("\n") if FINDINGS in old else ""
-    new = text.rstrip("\n") + ("\n\n" + kept if kept else "") + "\n"
-    rest = doc[end:]
-    path.write_text(doc[:start] + new + ("\n" + rest if rest else ""))
 
 
 # ---------------------------------------------------------------------------- profile
@@ -1302,14 +1230,14 @@ def main(argv: list[str] | None = None) -> int:
         print()
         started = time.perf_counter()
         rows = asyncio.run(bench(args, sz, logdir))
-        info["loadavg_at_end"] = _loadavg()
-        info["pressure_at_end"] = _pressure()
+        info["loadavg_at_end"] = loadavg()
+        info["pressure_at_end"] = pressure()
         info["elapsed_s"] = round(time.perf_counter() - started, 1)
         text = render(info, rows, sz, args)
         print()
         print(text)
         if args.write:
-            write_section(text)
+            write_section(text, RESULTS, SECTION)
             print(f"\nwrote the section {SECTION!r} of {RESULTS}")
         if args.json:
             doc = {"machine": info, "rows": [asdict(r) for r in rows]}

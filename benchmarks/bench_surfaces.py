@@ -46,15 +46,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import gc
-import hashlib
 import importlib.util
 import itertools
 import json
 import os
-import platform
-import re
 import shutil
 import signal
 import socket
@@ -66,21 +62,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-try:
-    import meerkat_runtime
-except ModuleNotFoundError as exc:  # not installed: use the checkout's src/
-    if exc.name != "meerkat_runtime":
-        raise
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-    import meerkat_runtime
+import _common
+from _common import (
+    config,
+    loadavg,
+    no_wake_policy,
+    print_machine,
+    section_head,
+    write_section,
+)
 
 from meerkat_runtime import (
-    PolicyRow,
-    PolicyTable,
     PromptInput,
     Runtime,
-    RuntimeConfig,
-    default_policy_table,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,8 +82,6 @@ SCRIPT = Path(__file__).resolve()
 BIN = Path(sys.executable).parent
 RESULTS = Path(__file__).resolve().parent / "results.md"
 SECTION = "## Surfaces (bench_surfaces.py)"
-FINDINGS = "### Findings"
-MAX_PENDING = 10_000_000
 TURN_SESSIONS = 16
 PROMPT_WORDS = "please answer with one short sentence about benchmark"  # + a number
 clock = time.perf_counter
@@ -124,17 +116,6 @@ QUICK = Sizes(
 # ---------------------------------------------------------------------------- policy
 
 
-def no_wake_policy() -> PolicyTable:
-    """The default table with prompts that never wake a run (bench_inmemory's / bench_durable's
-    accept workload)."""
-    d = PolicyTable.decision("stage_run_start", "none", "fifo", "on_run_complete")
-    return default_policy_table().with_rows({"prompt": PolicyRow(d, d)})
-
-
-def no_wake_config() -> RuntimeConfig:
-    return RuntimeConfig(max_pending_inputs=MAX_PENDING)
-
-
 class NoWakeRuntime(Runtime):
     """``Runtime.open`` with the no-wake prompt policy (swapped into the surface modules by
     ``--child ... --policy nowake``)."""
@@ -142,7 +123,7 @@ class NoWakeRuntime(Runtime):
     @classmethod
     def open(cls, url: str | None = None, **kw: Any) -> Runtime:
         kw.setdefault("policy", no_wake_policy())
-        kw.setdefault("config", no_wake_config())
+        kw.setdefault("config", config())
         return super().open(url, **kw)
 
 
@@ -530,7 +511,7 @@ async def inprocess_row(workload: str, url: str, store: str, conc: int, n: int, 
     rt = Runtime.open(
         url,
         policy=no_wake_policy() if nowake else None,
-        config=no_wake_config() if nowake else None,
+        config=config() if nowake else None,
     )
     try:
         await rt.start()
@@ -632,16 +613,6 @@ async def run_surface(
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 0
     import fastapi
     import httpx
     import uvicorn
@@ -650,32 +621,10 @@ def machine() -> dict[str, Any]:
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     http = "httptools" if importlib.util.find_spec("httptools") else "h11"
     return {
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "platform": platform.platform(),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "loadavg_at_start": _loadavg(),
-        "code": _code_fingerprint(),
+        **_common.machine(),
         "stack": f"uvicorn {uvicorn.__version__} ({loop} loop, {http} parser), "
         f"FastAPI {fastapi.__version__}, httpx {httpx.__version__} (client)",
     }
-
-
-def _code_fingerprint() -> str:
-    root = Path(meerkat_runtime.__file__).resolve().parent
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
-    return f"meerkat_runtime sha256:{h.hexdigest()[:12]}"
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 # ---------------------------------------------------------------------------- report
@@ -729,22 +678,10 @@ def markdown(
         if rpc_turns
         else "about 15"
     )
+    command = ["python benchmarks/bench_surfaces.py", *argv]
+    stack = [f"| stack | {info['stack']} |"]
     lines = [
-        SECTION,
-        "",
-        f"Recorded {info['date'].replace('T', ' ').replace('+00:00', ' UTC')} with "
-        f"`{' '.join(['python benchmarks/bench_surfaces.py', *argv])}` ({elapsed:.0f} s in all).",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| CPU | `{info['cpu']}` |",
-        f"| cores | {info['cores']} ({info['usable_cores']} usable) |",
-        f"| OS | {info['platform']} |",
-        f"| Python | {info['python']} |",
-        f"| stack | {info['stack']} |",
-        f"| code | `{info['code']}` |",
-        f"| load | {info['loadavg_at_start']} at start, {load_end} at end (1/5/15 min) |",
-        "",
+        *section_head(SECTION, info, command, elapsed, load_end, stack),
         "Each server is its own process (a fresh one, and a fresh SQLite file, per row); the "
         "client is the benchmark process. *accept*: a durable prompt `Input` JSON document "
         "(`POST /runtime/{id}/accept`, `runtime/accept`) under a prompt policy that never "
@@ -767,22 +704,6 @@ def markdown(
         "",
     ]
     return "\n".join(lines)
-
-
-def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace the section in ``path`` (or append it), keeping its ``### Findings``."""
-    doc = path.read_text() if path.exists() else ""
-    start = doc.find(SECTION)
-    if start < 0:
-        path.write_text(doc.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")
-        return
-    nxt = re.search(r"^## ", doc[start + len(SECTION) :], re.MULTILINE)
-    end = start + len(SECTION) + nxt.start() if nxt else len(doc)
-    old = doc[start:end]
-    kept = old[old.find(FINDINGS) :].rstrip("\n") if FINDINGS in old else ""
-    new = text.rstrip("\n") + ("\n\n" + kept if kept else "") + "\n"
-    rest = doc[end:]
-    path.write_text(doc[:start] + new + ("\n" + rest if rest else ""))
 
 
 # ---------------------------------------------------------------------------- profile
@@ -886,11 +807,7 @@ def _list(s: str) -> list[str]:
 
 async def bench(args: argparse.Namespace, sz: Sizes, tmp: Path) -> int:
     info = machine()
-    print(f"Python  {info['python']}")
-    print(f"CPU     {info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable)")
-    print(f"Stack   {info['stack']}")
-    print(f"Load    {info['loadavg_at_start']} (1/5/15 min) at start")
-    print(f"Code    {info['code']}\n")
+    print_machine(info, [f"Stack   {info['stack']}"])
     print("\n".join(HEADER), flush=True)
     started = clock()
     urls = Urls(tmp)
@@ -915,11 +832,11 @@ async def bench(args: argparse.Namespace, sz: Sizes, tmp: Path) -> int:
                 for surface in surfaces:
                     show(await run_surface(workload, surface, store, conc, n, sz, urls, tmp))
     elapsed = clock() - started
-    text = markdown(info, rows, elapsed, _loadavg(), sys.argv[1:])
+    text = markdown(info, rows, elapsed, loadavg(), sys.argv[1:])
     print()
     print(text)
     if args.write:
-        write_section(text)
+        write_section(text, RESULTS, SECTION)
         print(f"\nupdated {RESULTS}")
     return 0
 
