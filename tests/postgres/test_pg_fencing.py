@@ -184,3 +184,27 @@ async def test_another_process_pushes_into_the_inbox_the_owner_ingests(
     await a.submit(mk_txn(rid, gen, mk_state(), inbox_done=[entry.seq]))
     assert await b.inbox_entries(rid) == []
     assert (await b.inbox_push(InboxEntry(rid, "{}"), _idem("k", "h"), 10))[0] == "deduplicated"
+
+
+async def test_a_writer_frozen_mid_transaction_releases_its_locks(pg_url: str) -> None:
+    """A process frozen (or cut off) inside a transaction would hold its runtime rows locked
+    until the server noticed the dead connection; ``idle_in_transaction_session_timeout``
+    ends that transaction, so another process can take the session over."""
+    frozen = PostgresStore(pg_url, idle_txn_timeout=0.5)
+    other = PostgresStore(pg_url, lock_timeout=3.0)
+    await frozen.open()
+    await other.open()
+    try:
+        assert await frozen.acquire_lease("rt-frozen", "a", 0.2) == 1
+        conn = await frozen._connect()
+        await conn.execute("BEGIN")
+        await conn.execute("SELECT 1 FROM runtimes WHERE runtime_id = 'rt-frozen' FOR UPDATE")
+        await asyncio.sleep(0.3)  # the lease expires; the row stays locked
+        # without the timeout this waits for the row lock and fails (lock_timeout, 3 s)
+        assert await other.acquire_lease("rt-frozen", "b", 30) == 2
+        with pytest.raises(psycopg.Error):
+            await conn.execute("SELECT 1")
+        await conn.close()
+    finally:
+        await frozen.close()
+        await other.close()

@@ -62,6 +62,11 @@ Invariants kept here (beyond those of ``base.py``):
   with ``StoreError`` a schema of another application, an older version ("run ``meerkat db
   migrate``", i.e. ``migrate_postgres``) and a newer one ("this build knows up to vN"), before
   it writes anything. Migrations run in one transaction under an advisory lock.
+- No cross-process deadlock between writers: a batch takes one transaction-level advisory
+  lock per runtime it writes, in key order, before any row lock (new runtime rows included);
+  ``renew_leases`` locks its rows in runtime_id order. A process frozen or cut off inside a
+  transaction holds its locks at most ``idle_txn_timeout`` (5 s): the server ends the
+  transaction (``idle_in_transaction_session_timeout``) so others can take over.
 - Cancellation is honoured: a read cancelled while it waits for a pooled connection raises
   ``CancelledError`` even where psycopg_pool's wait (``asyncio.wait_for`` on Python < 3.12)
   swallows it; a cancelled ``submit`` awaiter does not undo the transaction (it commits).
@@ -561,6 +566,7 @@ class PostgresStore:
         pool_size: int = 4,
         migrations: Sequence[PgMigration] | None = None,
         lock_timeout: float = 10.0,
+        idle_txn_timeout: float = 5.0,
         connect_timeout: float = 10.0,
     ) -> None:
         self._dsn = url
@@ -568,6 +574,7 @@ class PostgresStore:
         self.max_batch = max(1, max_batch)
         self.pool_size = max(1, pool_size)
         self.lock_timeout = lock_timeout
+        self.idle_txn_timeout = idle_txn_timeout
         self.connect_timeout = connect_timeout
         self.commits = 0
         self.transactions = 0
@@ -625,6 +632,12 @@ class PostgresStore:
         a hung process fails the waiting job with a clear error instead of stalling)."""
         await conn.execute("SET TIME ZONE 'UTC'")
         await conn.execute(f"SET lock_timeout = {max(1, int(self.lock_timeout * 1000))}")
+        # a process frozen or cut off in the middle of a transaction must not hold its row
+        # locks (and so every other process's takeover of its sessions) until the server
+        # notices the dead connection, which may take hours: the server ends the transaction
+        await conn.execute(
+            f"SET idle_in_transaction_session_timeout = {max(1, int(self.idle_txn_timeout * 1000))}"
+        )
 
     async def _connect_writer(self) -> Conn:
         conn = await self._connect()
