@@ -57,6 +57,7 @@ __all__ = [
     "open_runtime",
     "out",
     "print_json",
+    "require_shared_store",
     "short",
     "spinner",
     "when",
@@ -135,14 +136,20 @@ def fail(message: str, code: int) -> typer.Exit:
 def check_own_sessions(store: str | None, own_sessions: bool) -> None:
     """A server that owns no session needs a store its workers share: refuse ``memory://``
     (nothing outside this process could run its sessions, so every turn would wait forever)."""
-    if own_sessions or store is None:
+    if not own_sessions:
+        require_shared_store(store, "--no-own-sessions", "no worker could run its sessions")
+
+
+def require_shared_store(store: str | None, what: str, consequence: str) -> None:
+    """Refuse ``memory://`` for ``what``, which needs a store other processes share."""
+    if store is None:
         return
     scheme, sep, _ = store.strip().partition("://")
     if sep and scheme.lower() == "memory":
         raise fail(
-            "--no-own-sessions needs a store that worker processes share (a SQLite file or "
-            "postgresql://user@host/dbname); memory:// lives inside this process, so no worker "
-            "could run its sessions",
+            f"{what} needs a store that other processes share (a SQLite file for processes on "
+            "one machine, or postgresql://user@host/dbname); memory:// lives inside this "
+            f"process, so {consequence}",
             EXIT_USAGE,
         )
 

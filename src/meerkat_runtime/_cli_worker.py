@@ -25,7 +25,15 @@ from typing import Annotated, Any
 
 import typer
 
-from ._cli_common import EXIT_OK, EXIT_USAGE, StoreOpt, err, execute, fail
+from ._cli_common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    StoreOpt,
+    err,
+    execute,
+    fail,
+    require_shared_store,
+)
 from .core.tools import ToolRegistry
 from .host import ExecutorFactory, Runtime
 from .store import redact_url
@@ -104,15 +112,6 @@ class _Reporter:
             session_id=session_id,
             generation=generation,
             detail=detail,
-        )
-
-
-def _store_check(store: str | None) -> None:
-    if store is not None and store.strip().lower().startswith("memory:"):
-        raise fail(
-            "--store: a worker needs a store other processes share (postgresql://user@host/db, "
-            "or a SQLite file for workers on one machine); memory:// lives inside one process",
-            EXIT_USAGE,
         )
 
 
@@ -252,7 +251,7 @@ def worker(
 
     Takes over sessions that need an owner, up to --max-sessions; SIGTERM or Ctrl-C drains:
     active runs get --grace seconds, leases are released, other workers take over."""
-    _store_check(store)
+    require_shared_store(store, "a worker", "no other process could share its sessions")
     registry = _tools_from(tools) if tools else None
     factory = _factory_from(executor_factory) if executor_factory else None
     execute(

@@ -238,6 +238,7 @@ class Runtime:
         self._lease_sent: dict[str, float] = {}
         self._adopting: set[str] = set()
         self._acquiring: set[str] = set()  # sessions whose lease is being acquired
+        self._ingest_queued: set[str] = set()  # runtimes with an ingest pass not yet reading
         # session -> lease expiry (UNIX time) of a live owner elsewhere, seen on a notice
         self._owned_elsewhere: dict[str, float] = {}
         self._draining = False
@@ -750,6 +751,7 @@ class Runtime:
         refused as a duplicate id, would abandon the input the first one admitted."""
         lock = self._ingest_locks.setdefault(rt.runtime_id, asyncio.Lock())
         async with lock:
+            self._ingest_queued.discard(rt.runtime_id)  # see _ingest_soon
             entries = await self.store.inbox_entries(rt.runtime_id)
             if len(entries) > 1 and rt.ingests_concurrently:
                 # admitted in seq order all the same, their commits grouped (one round of
@@ -942,15 +944,26 @@ class Runtime:
                     self._owned_elsewhere.pop(rid, None)
                 rt = self._runtimes.get(rid)
                 if rt is not None:
-                    self._spawn(self._ingest(rt))
+                    self._ingest_soon(rt)
                 elif self._adopts() and not self._at_capacity():
                     self._spawn(self._adopt_later(rid))
             else:  # resync: something may have been missed
                 self._wake_all()
                 for rt in list(self._runtimes.values()):
-                    self._spawn(self._ingest(rt))
+                    self._ingest_soon(rt)
                 if self._adopts():
                     self._spawn(self._adopt_orphans())
+
+    def _ingest_soon(self, rt: SessionRuntime) -> None:
+        """Schedule one ingest pass for the runtime unless one is already scheduled and has
+        not read the inbox yet: a burst of inbox notices costs one read, not one per notice.
+        The mark is cleared just before the pass reads, so an entry pushed after that read
+        schedules a new pass (nothing is left behind)."""
+        rid = rt.runtime_id
+        if rid in self._ingest_queued:
+            return
+        self._ingest_queued.add(rid)
+        self._spawn(self._ingest(rt))
 
     async def _adopt_later(self, session_id: str) -> None:
         """Try to take over a session whose inbox got an input, unless it has a live owner.

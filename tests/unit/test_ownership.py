@@ -1,6 +1,7 @@
 """Ownership at scale (S10, issue 7) on one shared in-memory store: the per-process lease bound,
-sessions that cannot be renewed in time, adoption of sessions nobody runs, drains that
-release leases."""
+sessions that cannot be renewed in time (stopped, nothing abandoned: S8), adoption of
+sessions nobody runs (recovered first: S7), waiters that follow their input to the new owner
+(S12), drains that release leases (S19)."""
 
 from __future__ import annotations
 

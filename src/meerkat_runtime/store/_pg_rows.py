@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -16,26 +15,22 @@ from typing import Any
 
 from .._ids import InputId, RunId
 from .._time import utcnow
-from ..core.lifecycle import Message, RunResult
+from ..core.lifecycle import Message
 from ..core.session import ConversationRow
 from ..runtime.input_state import InputState
 from ..runtime.state import RuntimeState
-from .base import PeerRequestRecord, RunRecord, SessionRecord, Txn
+from .base import PeerRequestRecord, SessionRecord, Txn
 
 __all__ = [
-    "PEER_COLS",
     "PRUNE",
-    "RUN_COLS",
     "SESSION_COLS",
     "Refused",
     "TxnRows",
     "aware",
     "conv_row",
     "encode_txn",
-    "inbox_input_id",
     "peer_request",
     "peer_row",
-    "run_record",
     "session_record",
     "snapshot",
 ]
@@ -185,24 +180,7 @@ def encode_txn(txn: Txn) -> TxnRows:
 
 # ------------------------------------------------------------------------------ decoding
 
-RUN_COLS = "run_id, runtime_id, status, result_json, error, is_continuation"
 SESSION_COLS = "session_id, created_at, updated_at, config, labels, archived"
-PEER_COLS = (
-    "requester_runtime_id, request_id, responder_runtime_id, envelope_id, requester_name,"
-    " responder_name, intent, created_at, status, closed_at, closed_by"
-)
-
-
-def run_record(row: Sequence[Any]) -> RunRecord:
-    run_id, runtime_id, status, result_json, error, is_cont = row
-    return RunRecord(
-        RunId(run_id),
-        runtime_id,
-        status,
-        RunResult.from_json(result_json) if result_json is not None else None,
-        error,
-        bool(is_cont),
-    )
 
 
 def conv_row(row: Sequence[Any]) -> ConversationRow:
@@ -246,17 +224,6 @@ def peer_request(row: Sequence[Any]) -> PeerRequestRecord:
 
 def state_from_json(text: str) -> InputState:
     return InputState.from_json(text)
-
-
-def inbox_input_id(input_json: str) -> str | None:
-    """The header id of an inbox entry's input document (None if it has none)."""
-    try:
-        doc = json.loads(input_json)
-    except ValueError:
-        return None
-    header = doc.get("header") if isinstance(doc, dict) else None
-    value = header.get("id") if isinstance(header, dict) else None
-    return value if isinstance(value, str) else None
 
 
 # ------------------------------------------------------------------------------ retention

@@ -42,7 +42,6 @@ Public attributes (read by tests): ``input_states``, ``conversations``, ``receip
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
@@ -56,6 +55,7 @@ from ..core.session import ConversationRow
 from ..runtime.events import RuntimeEventEnvelope
 from ..runtime.input_state import CoalescingSource, InputState
 from ..runtime.state import RuntimeState
+from ._rows import inbox_input_id
 from .base import (
     CommsNameTakenError,
     FencedError,
@@ -102,17 +102,6 @@ def _deep_json(value: Any) -> Any:
     if isinstance(value, list):
         return [_deep_json(v) for v in value]
     return value
-
-
-def _inbox_input_id(input_json: str) -> str | None:
-    """The header id of an inbox entry's input document (None if it has none)."""
-    try:
-        doc = json.loads(input_json)
-    except ValueError:
-        return None
-    header = doc.get("header") if isinstance(doc, dict) else None
-    value = header.get("id") if isinstance(header, dict) else None
-    return value if isinstance(value, str) else None
 
 
 def _aware(dt: datetime) -> datetime:
@@ -532,7 +521,7 @@ class MemoryStore:
             if input_id in states:
                 return rid
         for rid, entries in self.inbox.items():
-            if any(_inbox_input_id(e.input_json) == input_id.value for e in entries):
+            if any(inbox_input_id(e.input_json) == input_id.value for e in entries):
                 return rid
         return None
 

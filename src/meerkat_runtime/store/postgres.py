@@ -102,19 +102,15 @@ from . import redact_url as redact
 from . import scrub
 from ._pg_listen import Channels, channels_for, listen
 from ._pg_rows import (
-    PEER_COLS,
     PRUNE,
-    RUN_COLS,
     SESSION_COLS,
     Refused,
     TxnRows,
     aware,
     conv_row,
     encode_txn,
-    inbox_input_id,
     peer_request,
     peer_row,
-    run_record,
     session_record,
     snapshot,
     state_from_json,
@@ -126,6 +122,7 @@ from ._pg_schema import (
     current_schema,
     load_pg_migrations,
 )
+from ._rows import PEER_COLS, RUN_COLS, inbox_input_id, run_record
 from .base import (
     CommsNameTakenError,
     FencedError,

@@ -75,11 +75,12 @@ from typing import Any, TypeVar
 
 from .._ids import InputId, RunId
 from .._time import utcnow
-from ..core.lifecycle import Message, RunResult
+from ..core.lifecycle import Message
 from ..core.session import ConversationRow
 from ..runtime.events import RuntimeEventEnvelope
 from ..runtime.input_state import CoalescingSource, InputState
 from ..runtime.state import RuntimeState
+from ._rows import PEER_COLS, RUN_COLS, inbox_input_id, run_record
 from .base import (
     CommsNameTakenError,
     FencedError,
@@ -497,18 +498,6 @@ def _state(text: str) -> InputState:
     return InputState.from_json(text)
 
 
-def _run(row: Sequence[Any]) -> RunRecord:
-    run_id, runtime_id, status, result_json, error, is_cont = row
-    return RunRecord(
-        RunId(run_id),
-        runtime_id,
-        status,
-        RunResult.from_json(result_json) if result_json is not None else None,
-        error,
-        bool(is_cont),
-    )
-
-
 def _conv_row(row: Sequence[Any]) -> ConversationRow:
     idx, run_id, input_ids, message, digest = row
     return ConversationRow(
@@ -525,13 +514,6 @@ def _session(row: Sequence[Any]) -> SessionRecord:
     return SessionRecord(
         sid, _dt(created), _dt(updated), json.loads(config), json.loads(labels), bool(archived)
     )
-
-
-_RUN_COLS = "run_id, runtime_id, status, result_json, error, is_continuation"
-_PEER_COLS = (
-    "requester_runtime_id, request_id, responder_runtime_id, envelope_id, requester_name,"
-    " responder_name, intent, created_at, status, closed_at, closed_by"
-)
 
 
 def _peer_request(row: Sequence[Any]) -> PeerRequestRecord:
@@ -555,30 +537,19 @@ def _open_peer_request(conn: sqlite3.Connection, row: tuple[Any, ...]) -> tuple[
     """Insert the request unless the requester has one with its envelope or request id; the
     stored row either way (one write transaction)."""
     found = conn.execute(
-        f"SELECT {_PEER_COLS} FROM peer_requests WHERE requester_runtime_id = ?"
+        f"SELECT {PEER_COLS} FROM peer_requests WHERE requester_runtime_id = ?"
         " AND (envelope_id = ? OR request_id = ?) LIMIT 1",
         (row[0], row[3], row[1]),
     ).fetchone()
     if found is not None:
         return tuple(found)
     conn.execute(
-        f"INSERT INTO peer_requests ({_PEER_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row
+        f"INSERT INTO peer_requests ({PEER_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row
     )
     return row
 
 
 _SESSION_COLS = "session_id, created_at, updated_at, config, labels, archived"
-
-
-def _inbox_input_id(input_json: str) -> str | None:
-    """The header id of an inbox entry's input document (None if it has none)."""
-    try:
-        doc = json.loads(input_json)
-    except ValueError:
-        return None
-    header = doc.get("header") if isinstance(doc, dict) else None
-    value = header.get("id") if isinstance(header, dict) else None
-    return value if isinstance(value, str) else None
 
 
 def _chunks(items: Sequence[T]) -> Iterable[Sequence[T]]:
@@ -633,11 +604,11 @@ def _load_runtime(conn: sqlite3.Connection, rid: str) -> LoadedRuntime:
     ).fetchall():
         out.receipted.update((RunId(run_id), InputId(i)) for i in json.loads(ids))
     for r in conn.execute(
-        f"SELECT {_RUN_COLS} FROM runs WHERE run_id IN ({pending_runs})"
-        f" UNION SELECT {_RUN_COLS} FROM runs WHERE runtime_id = ? AND status = 'running'",
+        f"SELECT {RUN_COLS} FROM runs WHERE run_id IN ({pending_runs})"
+        f" UNION SELECT {RUN_COLS} FROM runs WHERE runtime_id = ? AND status = 'running'",
         (rid, rid),
     ).fetchall():
-        rec = _run(r)
+        rec = run_record(r)
         out.runs[rec.run_id] = rec
     wanted: list[str] = []
     for st in out.inputs:
@@ -1352,9 +1323,9 @@ class SqliteStore:
     async def load_run(self, run_id: RunId) -> RunRecord | None:
         def run(conn: sqlite3.Connection) -> RunRecord | None:
             row = conn.execute(
-                f"SELECT {_RUN_COLS} FROM runs WHERE run_id = ?", (run_id.value,)
+                f"SELECT {RUN_COLS} FROM runs WHERE run_id = ?", (run_id.value,)
             ).fetchone()
-            return _run(row) if row is not None else None
+            return run_record(row) if row is not None else None
 
         return await self._read(run)
 
@@ -1526,7 +1497,7 @@ class SqliteStore:
                 (iid, iid),
             ).fetchall()
             for rid, input_json in rows:
-                if _inbox_input_id(input_json) == iid:
+                if inbox_input_id(input_json) == iid:
                     return str(rid)
             return None
 
@@ -1556,7 +1527,7 @@ class SqliteStore:
     ) -> PeerRequestRecord | None:
         def run(conn: sqlite3.Connection) -> PeerRequestRecord | None:
             row = conn.execute(
-                f"SELECT {_PEER_COLS} FROM peer_requests"
+                f"SELECT {PEER_COLS} FROM peer_requests"
                 " WHERE requester_runtime_id = ? AND request_id = ?",
                 (requester_runtime_id, request_id),
             ).fetchone()
@@ -1567,7 +1538,7 @@ class SqliteStore:
     async def find_peer_requests(self, request_id: str) -> list[PeerRequestRecord]:
         def run(conn: sqlite3.Connection) -> list[PeerRequestRecord]:
             rows = conn.execute(
-                f"SELECT {_PEER_COLS} FROM peer_requests WHERE request_id = ? ORDER BY created_at",
+                f"SELECT {PEER_COLS} FROM peer_requests WHERE request_id = ? ORDER BY created_at",
                 (request_id,),
             ).fetchall()
             return [_peer_request(r) for r in rows]
@@ -1591,7 +1562,7 @@ class SqliteStore:
             args.append(responder_runtime_id)
         if outstanding_only:
             where.append("closed_at IS NULL")
-        sql = f"SELECT {_PEER_COLS} FROM peer_requests"
+        sql = f"SELECT {PEER_COLS} FROM peer_requests"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at, request_id"
