@@ -1,9 +1,9 @@
 """Wake-ups without polling on PostgreSQL (issue 7): LISTEN/NOTIFY carries inbox arrivals to
 the owning process (S10; or, with no owner, to a process that takes the session over and
-recovers it, S7) and committed changes to waiters in other processes (S12). Every Runtime here polls only every 60 s, so
-a test that passes within its 20 s timeouts was woken by a notification; the listener comes
-back after its connection is killed; stores in other schemas of the same database are not
-woken."""
+recovers it, S7) and committed changes to waiters in other processes (S12). Every Runtime here
+polls only every 60 s, so a test that passes within its 20 s timeouts was woken by a
+notification; the listener comes back after its connection is killed; stores in other schemas
+of the same database are not woken."""
 
 from __future__ import annotations
 
